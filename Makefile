@@ -1,0 +1,31 @@
+# `make run` starts the service in local mode; `make test` runs every test.
+# Both create the virtualenv and install the pinned requirements first.
+# Another interpreter: `make test PYTHON=python3.13` (its own virtualenv, .venv-python3.13).
+PYTHON ?= python3
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
+PORT ?= 5000
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test install clean
+
+install: $(VENV)/.installed tests/kql/node_modules/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+tests/kql/node_modules/.installed: tests/kql/package.json tests/kql/package-lock.json
+	npm ci --prefix tests/kql --no-audit --no-fund
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/flask --app app run --host 127.0.0.1 --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf .venv .venv-* tests/kql/node_modules .pytest_cache

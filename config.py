@@ -1,0 +1,149 @@
+"""Configuration: every setting comes from the environment (or `.env`), read in create_app()."""
+import os
+import re
+import uuid
+from dataclasses import dataclass, field, fields, replace
+
+from dotenv import dotenv_values
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the variable and never its secret value."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's settings; field names are the environment variables, lower-cased."""
+
+    applicationinsights_connection_string: str = ""
+    log_analytics_workspace_id: str = ""
+    telemetry_db: str = ""
+    telemetry_storage: str = ""
+    applicationinsights_statsbeat_enabled: bool = False
+    usage_cache_ttl: float = 60.0
+    usage_query_timeout: float = 30.0
+    usage_top: int = 10
+    max_event_bytes: int = 64 * 1024
+    trace_sampling_rate: float = 1.0
+    export_interval: float = 5.0
+    metrics_export_interval: float = 60.0
+    local_batch_size: int = 500
+    local_flush_interval: float = 0.2
+    log_level: str = "INFO"
+    # Parsed from the connection string; not read from the environment.
+    instrumentation_key: str = field(default="", repr=False)
+    ingestion_endpoint: str = field(default="", repr=False)
+
+    @property
+    def mode(self):
+        """'azure' when a connection string is set, else 'local'."""
+        return "azure" if self.applicationinsights_connection_string else "local"
+
+    def __repr__(self):
+        return f"Settings(mode={self.mode!r}, telemetry_db={self.telemetry_db!r})"
+
+
+_BOUNDS = {
+    "usage_cache_ttl": (0, 86400),
+    "usage_query_timeout": (1, 600),
+    "usage_top": (1, 100),
+    "max_event_bytes": (1024, 1024 * 1024),
+    "trace_sampling_rate": (0, 1),
+    "export_interval": (0.01, 3600),
+    "metrics_export_interval": (0.01, 3600),
+    "local_batch_size": (1, 100000),
+    "local_flush_interval": (0.001, 60),
+}
+_DERIVED = {"instrumentation_key", "ingestion_endpoint"}
+
+
+def load_settings(instance_path, overrides=None, environ=None):
+    """Build Settings from `.env`, the environment and test overrides, in rising priority."""
+    env = {k.upper(): v for k, v in dotenv_values(".env").items() if v is not None}
+    env.update(os.environ if environ is None else environ)
+    values = {}
+    for f in fields(Settings):
+        if f.name in _DERIVED:
+            continue
+        raw = env.get(f.name.upper())
+        if overrides and f.name.upper() in overrides:
+            raw = overrides[f.name.upper()]
+        if raw is None:
+            continue
+        values[f.name] = _convert(f.name, f.type, raw)
+    settings = Settings(**values)
+    if not settings.telemetry_db:
+        settings = replace(settings, telemetry_db=os.path.join(instance_path, "telemetry.db"))
+    if not settings.telemetry_storage:
+        settings = replace(settings, telemetry_storage=os.path.join(instance_path, "outbox"))
+    if settings.applicationinsights_connection_string:
+        ikey, endpoint = parse_connection_string(settings.applicationinsights_connection_string)
+        settings = replace(settings, instrumentation_key=ikey, ingestion_endpoint=endpoint)
+    if settings.log_analytics_workspace_id:
+        _require_uuid("LOG_ANALYTICS_WORKSPACE_ID", settings.log_analytics_workspace_id)
+    return settings
+
+
+def _convert(name, typ, raw):
+    """Convert one raw value to the field's type and check its bounds."""
+    var = name.upper()
+    if isinstance(raw, str):
+        raw = raw.strip()
+    conv = typ
+    if typ is bool:
+        return parse_bool(var, raw)
+    try:
+        value = conv(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{var} must be {conv.__name__}, got {raw!r}") from None
+    lo_hi = _BOUNDS.get(name)
+    if lo_hi and not lo_hi[0] <= value <= lo_hi[1]:
+        raise ConfigError(f"{var} must be between {lo_hi[0]} and {lo_hi[1]}, got {raw!r}")
+    return value
+
+
+def parse_bool(var, raw):
+    """Parse a boolean environment value, naming the variable when it is not one."""
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{var} must be true or false, got {raw!r}")
+
+
+def _require_uuid(var, value):
+    """Raise ConfigError unless value is a GUID."""
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        raise ConfigError(f"{var} must be a GUID") from None
+
+
+_ENDPOINT = re.compile(r"^https?://[^\s/;]+/?$")
+
+
+def parse_connection_string(conn):
+    """Return (instrumentation key, ingestion endpoint) or raise ConfigError naming the variable."""
+    var = "APPLICATIONINSIGHTS_CONNECTION_STRING"
+    parts = {}
+    for pair in filter(None, (p.strip() for p in conn.split(";"))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{var} is malformed: expected Key=Value pairs separated by ';'")
+        parts[key.strip().lower()] = value.strip()
+    ikey = parts.get("instrumentationkey", "")
+    if not ikey:
+        raise ConfigError(f"{var} has no InstrumentationKey")
+    try:
+        uuid.UUID(ikey)
+    except ValueError:
+        raise ConfigError(f"{var} has an InstrumentationKey that is not a GUID") from None
+    endpoint = parts.get("ingestionendpoint") or "https://dc.services.visualstudio.com"
+    if not _ENDPOINT.match(endpoint):
+        raise ConfigError(f"{var} has an IngestionEndpoint that is not an http(s) URL")
+    return ikey.lower(), endpoint.rstrip("/")

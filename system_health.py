@@ -1,0 +1,86 @@
+"""Service health: per-route response-time metrics for Application Insights and the /healthz report."""
+import threading
+from datetime import datetime, timezone
+
+from opencensus.metrics import label_key, label_value
+from opencensus.metrics.export import metric, metric_descriptor, point, time_series, value
+from opencensus.metrics.export.metric_producer import MetricProducer
+
+_LABELS = [label_key.LabelKey("route", "route template"), label_key.LabelKey("method", "HTTP method"),
+           label_key.LabelKey("status", "response status code")]
+_GAUGE_DOUBLE = metric_descriptor.MetricDescriptorType.GAUGE_DOUBLE
+_GAUGE_INT = metric_descriptor.MetricDescriptorType.GAUGE_INT64
+DURATION_METRIC = "request_duration_ms"
+COUNT_METRIC = "request_count"
+
+
+class ResponseTimeProducer(MetricProducer):
+    """Per-interval response-time figures per route, method and status.
+
+    OpenCensus' Azure metrics exporter silently drops Distribution views and re-sends
+    cumulative Sum/Count views forever, which chart as ever-rising lines. This producer
+    instead hands the exporter, at every interval, the mean duration and the request count
+    of that interval only, as gauges: each customMetrics row then means "this interval".
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._current = {}
+
+    def record(self, route, method, status, duration_ms):
+        """Add one request to the current interval."""
+        key = (route, method, str(status))
+        with self._lock:
+            count, total = self._current.get(key, (0, 0.0))
+            self._current[key] = (count + 1, total + duration_ms)
+
+    def get_metrics(self):
+        """Return this interval's metrics and start a new interval."""
+        with self._lock:
+            current, self._current = self._current, {}
+        if not current:
+            return []
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        durations, counts = [], []
+        for (route, method, status), (count, total) in sorted(current.items()):
+            labels = [label_value.LabelValue(route), label_value.LabelValue(method),
+                      label_value.LabelValue(status)]
+            durations.append(time_series.TimeSeries(
+                labels, [point.Point(value.ValueDouble(total / count), now)], now))
+            counts.append(time_series.TimeSeries(
+                labels, [point.Point(value.ValueLong(count), now)], now))
+        return [
+            metric.Metric(metric_descriptor.MetricDescriptor(
+                DURATION_METRIC, "Mean response time in the interval", "ms", _GAUGE_DOUBLE, _LABELS),
+                durations),
+            metric.Metric(metric_descriptor.MetricDescriptor(
+                COUNT_METRIC, "Requests served in the interval", "1", _GAUGE_INT, _LABELS), counts),
+        ]
+
+
+def setup_metrics_exporter(settings, producer):
+    """Start the Azure metrics exporter thread that ships `producer`'s metrics every interval."""
+    from opencensus.ext.azure.metrics_exporter import MetricsExporter
+    from opencensus.metrics import transport
+
+    exporter = MetricsExporter(
+        connection_string=settings.applicationinsights_connection_string,
+        export_interval=settings.metrics_export_interval,
+        enable_standard_metrics=False,
+        enable_local_storage=True,
+        storage_path=settings.telemetry_storage + "/metrics",
+    )
+    exporter.exporter_thread = transport.get_exporter_thread(
+        [producer], exporter, interval=settings.metrics_export_interval)
+    return exporter
+
+
+def health_report(app):
+    """The /healthz document: mode, sink counters, and no secrets."""
+    settings = app.extensions["settings"]
+    return {
+        "status": "ok",
+        "mode": settings.mode,
+        "usage_source": app.extensions["usage_source_name"],
+        "telemetry": app.extensions["telemetry"].health(),
+    }
