@@ -55,7 +55,8 @@ class LogHandler(_RealLockMixin, AzureLogHandler):
 def _exporter_options(settings, kind):
     """Options shared by every exporter: endpoint, interval and a per-kind storage folder."""
     return dict(
-        connection_string=settings.applicationinsights_connection_string,
+        connection_string=f"InstrumentationKey={settings.instrumentation_key};"
+                          f"IngestionEndpoint={settings.ingestion_endpoint}",
         export_interval=settings.export_interval,
         enable_local_storage=True,
         storage_path=os.path.join(settings.telemetry_storage, kind),
@@ -152,7 +153,8 @@ class AzureSink:
         self._traces = AzureExporter(**_exporter_options(self.settings, "requests"))
         self._traces.add_telemetry_processor(self._tag_envelope)
         self._producer = system_health.ResponseTimeProducer()
-        self._metrics = system_health.setup_metrics_exporter(self.settings, self._producer)
+        self._metrics = system_health.setup_metrics_exporter(
+            self.settings, self._producer, _exporter_options(self.settings, "metrics"))
 
     def _tag_envelope(self, envelope):
         """Move the user id into its tag and record the sampling rate so ItemCount is right."""

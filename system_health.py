@@ -58,18 +58,13 @@ class ResponseTimeProducer(MetricProducer):
         ]
 
 
-def setup_metrics_exporter(settings, producer):
+def setup_metrics_exporter(settings, producer, options):
     """Start the Azure metrics exporter thread that ships `producer`'s metrics every interval."""
     from opencensus.ext.azure.metrics_exporter import MetricsExporter
     from opencensus.metrics import transport
 
-    exporter = MetricsExporter(
-        connection_string=settings.applicationinsights_connection_string,
-        export_interval=settings.metrics_export_interval,
-        enable_standard_metrics=False,
-        enable_local_storage=True,
-        storage_path=settings.telemetry_storage + "/metrics",
-    )
+    exporter = MetricsExporter(**dict(options, export_interval=settings.metrics_export_interval,
+                                      enable_standard_metrics=False))
     exporter.exporter_thread = transport.get_exporter_thread(
         [producer], exporter, interval=settings.metrics_export_interval)
     return exporter
