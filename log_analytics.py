@@ -8,7 +8,8 @@ Design notes
 * Cache: results are cached per ``(span in whole hours, UTC date of end)`` for ``cache_ttl``
   seconds (monotonic clock).  Callers pass ``end=now, start=now - N days``, so "now" moves on
   every call but the key stays put; two windows of the same length ending on the same UTC day
-  are treated as the same report for at most ``cache_ttl`` seconds.
+  are treated as the same report for at most ``cache_ttl`` seconds.  (The app's window,
+  midnight ``days - 1`` days ago until now, changes key once an hour: one extra query per hour.)
 * Single flight: on a miss, one caller (the leader) runs the query; concurrent callers for the
   same key wait for the leader's rows or error instead of sending their own query.
 * Errors are not cached: the next call after a failure queries again.  The one exception is
@@ -19,8 +20,9 @@ Design notes
   partial usage report would silently undercount, which is worse than an explicit error.
 * Retries: azure-core retries POSTs only on 500/503/504 and on any status carrying
   Retry-After, sleeping for the whole Retry-After.  A web request should not sleep through a
-  throttle, so the client's retry policy here never retries 429 (nor a Retry-After longer than
-  ``_MAX_RETRY_AFTER_WAIT``) and does at most ``retry_total`` (default 2) retries.
+  throttle, so the client's retry policy here never retries a 4xx (429 included) nor a
+  Retry-After longer than ``_MAX_RETRY_AFTER_WAIT``, and does at most ``retry_total``
+  (default 2) retries of 500/503/504.
 """
 
 from __future__ import annotations
@@ -244,10 +246,12 @@ class UsageQueryError(Exception):
 
 
 class _DashboardRetryPolicy(RetryPolicy):
-    """azure-core RetryPolicy that never sleeps through a throttle (429 or a long Retry-After)."""
+    """azure-core RetryPolicy that retries only 5xx and never sleeps through a long Retry-After."""
 
     def is_retry(self, settings, response):  # noqa: D102 - see class docstring
-        if response.http_response.status_code == 429:
+        # The base policy retries *any* status carrying Retry-After (429, even 400), sleeping the
+        # full delay each time; a dashboard request answers 503 + Retry-After instead.
+        if response.http_response.status_code < 500:
             return False
         retry_after = self.get_retry_after(response)
         if retry_after is not None and retry_after > _MAX_RETRY_AFTER_WAIT:
@@ -474,13 +478,15 @@ class LogAnalyticsUsageSource:
             flight.done.set()
             raise
         flight.rows = rows
-        with self._lock:
-            self._flights.pop(key, None)
-            if self._cache_ttl > 0:
-                now = self._clock()
-                self._cache = {k: e for k, e in self._cache.items() if now < e.expires}
-                self._cache[key] = _Entry(rows, now + self._cache_ttl)
-        flight.done.set()
+        try:
+            with self._lock:
+                self._flights.pop(key, None)
+                if self._cache_ttl > 0:
+                    now = self._clock()
+                    self._cache = {k: e for k, e in self._cache.items() if now < e.expires}
+                    self._cache[key] = _Entry(rows, now + self._cache_ttl)
+        finally:
+            flight.done.set()
         return _copy_rows(rows)
 
     def _follow(self, flight: _Flight) -> list[dict[str, Any]]:
@@ -490,7 +496,9 @@ class LogAnalyticsUsageSource:
         if flight.error is not None:
             if isinstance(flight.error, UsageQueryError):
                 raise flight.error._copy()
-            raise flight.error
+            if isinstance(flight.error, Exception):
+                raise flight.error  # a programming error: let it surface in every caller
+            raise UsageQueryError("The usage query was interrupted", 503)
         return _copy_rows(flight.rows or [])
 
     def _get_client(self) -> LogsQueryClient:
