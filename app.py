@@ -11,6 +11,7 @@ import request_tracking
 import system_health
 from config import ConfigError, load_settings
 from local_store import LocalStore
+from log_analytics import UsageQueryError
 from logging_utils import PublicEvent, describe_error, record_event
 from monitoring_utils import UsageSourceUnavailable, get_usage_stats
 from telemetry import Telemetry
@@ -63,6 +64,7 @@ def _log_analytics_source(settings):
         log.warning("LOG_ANALYTICS_WORKSPACE_ID is not set: /dashboard/usage will answer 503")
         return None
     from azure.identity import DefaultAzureCredential
+
     from log_analytics import LogAnalyticsUsageSource
     return LogAnalyticsUsageSource(
         settings.log_analytics_workspace_id, DefaultAzureCredential(),
@@ -137,15 +139,11 @@ def _init_routes(app):
             return jsonify(get_usage_stats(int(raw)))
         except UsageSourceUnavailable as exc:
             raise APIError(503, "usage_source_unavailable", str(exc)) from None
-        except Exception as exc:
-            status = getattr(exc, "status", None)
-            if status not in (502, 503):
-                raise
-            log.warning("usage query failed: %s", exc)
-            retry = getattr(exc, "retry_after", None)
-            raise APIError(status, "upstream_unavailable" if status == 503 else "upstream_error",
-                           getattr(exc, "message", "Log Analytics query failed"),
-                           headers={"Retry-After": str(retry)} if retry else None) from None
+        except UsageQueryError as exc:
+            log.warning("usage query failed: %s", exc.message)
+            raise APIError(exc.status, "upstream_unavailable" if exc.status == 503 else "upstream_error",
+                           exc.message, headers={"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+                           ) from None
 
     @app.get("/healthz")
     def healthz():

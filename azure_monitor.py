@@ -1,11 +1,13 @@
 """Azure mode: OpenCensus exporters for custom events, traces, requests, dependencies and metrics."""
 import logging
 import os
+import queue
 import threading
 from datetime import datetime, timezone
 
 from opencensus.common.schedule import QueueEvent
 from opencensus.ext.azure.log_exporter import AzureEventHandler, AzureLogHandler
+from opencensus.ext.azure.metrics_exporter import MetricsExporter
 from opencensus.ext.azure.trace_exporter import AzureExporter
 from opencensus.trace.samplers import ProbabilitySampler
 from opencensus.trace.span import SpanKind
@@ -14,6 +16,7 @@ from opencensus.trace.span_data import SpanData
 from opencensus.trace.status import Status
 
 import system_health
+from delivery import Courier, DeliveryStats, ReliableExporterMixin
 
 # This module's own log lines go to the "azure_monitor" logger, which is never exported:
 # an exporter warning fed back into the exporter would loop.
@@ -36,8 +39,32 @@ class _RealLockMixin:
         logging.Handler.createLock(self)
 
 
-class EventHandler(_RealLockMixin, AzureEventHandler):
-    """AzureEventHandler that also fills the authenticated-user and operation tags."""
+class _ReliableHandlerMixin(_RealLockMixin, ReliableExporterMixin):
+    """Log handler side of reliable delivery: queue without dropping, export with write-ahead."""
+
+    def __init__(self, stats, retry_interval, overflow_capacity, **options):
+        self._init_delivery(stats, retry_interval, overflow_capacity)
+        super().__init__(**options)
+
+    def emit(self, record):
+        """Queue the record; never blocks, never drops."""
+        self._enqueue(record)
+
+    def _export(self, batch, event=None):
+        """Deliver one batch taken from the queue by the SDK's worker."""
+        try:
+            self._deliver(self._to_envelopes(batch))
+        finally:
+            if event:
+                event.set()
+
+    def _to_envelopes(self, items):
+        """Log records to envelopes."""
+        return self.apply_telemetry_processors([self.log_record_to_envelope(r) for r in items])
+
+
+class EventHandler(_ReliableHandlerMixin, AzureEventHandler):
+    """AzureEventHandler that also fills the authenticated-user tag."""
 
     def log_record_to_envelope(self, record):
         """Build the EventData envelope, then add ai.user.authUserId when the record has a user."""
@@ -48,35 +75,90 @@ class EventHandler(_RealLockMixin, AzureEventHandler):
         return envelope
 
 
-class LogHandler(_RealLockMixin, AzureLogHandler):
-    """AzureLogHandler with a real lock."""
+class LogHandler(_ReliableHandlerMixin, AzureLogHandler):
+    """AzureLogHandler with reliable delivery."""
 
 
-def _exporter_options(settings, kind):
-    """Options shared by every exporter: endpoint, interval and a per-kind storage folder."""
+class TraceExporter(ReliableExporterMixin, AzureExporter):
+    """AzureExporter (requests and dependencies) with reliable delivery."""
+
+    def __init__(self, stats, retry_interval, overflow_capacity, **options):
+        self._init_delivery(stats, retry_interval, overflow_capacity)
+        super().__init__(**options)
+
+    def export(self, items):
+        """Queue finished spans; never blocks, never drops."""
+        for item in items:
+            self._enqueue(item)
+
+    def emit(self, batch, event=None):
+        """Deliver one batch taken from the queue by the SDK's worker."""
+        try:
+            self._deliver(self._to_envelopes(batch))
+        finally:
+            if event:
+                event.set()
+
+    def _to_envelopes(self, items):
+        """Spans to envelopes."""
+        return self.apply_telemetry_processors(
+            [e for sd in items for e in self.span_data_to_envelope(sd)])
+
+
+class MetricExporter(ReliableExporterMixin, MetricsExporter):
+    """MetricsExporter with reliable delivery."""
+
+    def __init__(self, stats, retry_interval, overflow_capacity, **options):
+        self._init_delivery(stats, retry_interval, overflow_capacity)
+        super().__init__(**options)
+
+    def export_metrics(self, metrics):
+        """Deliver metrics in batches (called by the exporter thread every interval)."""
+        envelopes = [e for m in metrics for e in self.metric_to_envelopes(m)]
+        envelopes = self.apply_telemetry_processors(envelopes)
+        for start in range(0, len(envelopes), self.max_batch_size):
+            self._deliver(envelopes[start:start + self.max_batch_size])
+
+    def _to_envelopes(self, items):
+        """Metrics have no queue; nothing overflows."""
+        return list(items)
+
+
+def _exporter_options(settings, stats, kind):
+    """Options shared by every exporter: endpoint, limits and a per-kind storage folder."""
     return dict(
+        stats=stats,
+        retry_interval=settings.export_retry_interval,
+        overflow_capacity=settings.export_overflow_capacity,
         connection_string=f"InstrumentationKey={settings.instrumentation_key};"
                           f"IngestionEndpoint={settings.ingestion_endpoint}",
         export_interval=settings.export_interval,
+        max_batch_size=settings.export_batch_size,
+        queue_capacity=settings.export_queue_capacity,
+        timeout=settings.export_timeout,
+        grace_period=settings.shutdown_grace,
         enable_local_storage=True,
         storage_path=os.path.join(settings.telemetry_storage, kind),
+        storage_max_size=int(settings.telemetry_storage_max_mb * 1024 * 1024),
+        storage_maintenance_period=max(settings.export_retry_interval, 1.0),
     )
 
 
-def setup_logging(settings):
+def setup_logging(settings, stats):
     """Attach the event and trace handlers once per process; a second call adds nothing.
 
-    Returns the event logger. A call with a different connection string (tests build many
-    apps) replaces the handlers rather than adding more.
+    Returns (event logger, event handler, log handler). A call with other settings (tests
+    build many apps) replaces the handlers rather than adding more.
     """
-    key = (os.getpid(), settings.applicationinsights_connection_string, settings.telemetry_storage)
+    key = (os.getpid(), settings)
     with _lock:
         if _state.get("key") == key:
-            return _state["event_logger"]
+            _state["users"] += 1
+            return _state["event_logger"], _state["event_handler"], _state["log_handler"]
         _detach(close=_state.get("key", (None,))[0] == os.getpid())
         _setup_statsbeat(settings)
-        event_handler = EventHandler(**_exporter_options(settings, "events"))
-        log_handler = LogHandler(**_exporter_options(settings, "traces"))
+        event_handler = EventHandler(**_exporter_options(settings, stats, "events"))
+        log_handler = LogHandler(**_exporter_options(settings, stats, "traces"))
         log_handler.setLevel(logging.WARNING)
         event_logger = logging.getLogger(EVENT_LOGGER)
         event_logger.setLevel(logging.INFO)
@@ -88,8 +170,8 @@ def setup_logging(settings):
                 logger.setLevel(logging.WARNING)
             logger.addHandler(log_handler)
         _state.update(key=key, event_handler=event_handler, log_handler=log_handler,
-                      event_logger=event_logger)
-        return event_logger
+                      event_logger=event_logger, users=1)
+        return event_logger, event_handler, log_handler
 
 
 def _setup_statsbeat(settings):
@@ -114,10 +196,14 @@ def _detach(close):
                 handler.close()
 
 
-def shutdown_logging():
-    """Flush and remove the handlers (tests and process exit)."""
+def shutdown_logging(handler):
+    """Release the handlers; the last user in this process removes and closes them."""
     with _lock:
-        _detach(close=_state.get("key", (None,))[0] == os.getpid())
+        if _state.get("event_handler") is not handler:
+            return
+        _state["users"] -= 1
+        if _state["users"] <= 0:
+            _detach(close=_state["key"][0] == os.getpid())
 
 
 def _iso(ts):
@@ -132,7 +218,10 @@ def _drain(q, timeout):
     out of the queue but not yet sent them; a marker in the queue always waits for them.
     """
     marker = QueueEvent("SYNC")
-    q._queue.put(marker, timeout=timeout)
+    try:
+        q._queue.put(marker, timeout=timeout)
+    except queue.Full:
+        return False
     return marker.wait(timeout)
 
 
@@ -141,20 +230,27 @@ class AzureSink:
 
     def __init__(self, settings):
         self.settings = settings
-        self._events = None
-        self._traces = None
-        self._metrics = None
-        self._producer = None
+        self.stats = DeliveryStats()
+        self._events = self._event_handler = self._log_handler = None
+        self._traces = self._metrics = self._producer = self._courier = None
         self._sampler = ProbabilitySampler(settings.trace_sampling_rate)
 
     def start(self):
         """Create the exporters and their threads in this process."""
-        self._events = setup_logging(self.settings)
-        self._traces = AzureExporter(**_exporter_options(self.settings, "requests"))
+        self._events, self._event_handler, self._log_handler = setup_logging(self.settings, self.stats)
+        self._traces = TraceExporter(**_exporter_options(self.settings, self.stats, "requests"))
         self._traces.add_telemetry_processor(self._tag_envelope)
         self._producer = system_health.ResponseTimeProducer()
-        self._metrics = system_health.setup_metrics_exporter(
-            self.settings, self._producer, _exporter_options(self.settings, "metrics"))
+        self._metrics = MetricExporter(**dict(
+            _exporter_options(self.settings, self.stats, "metrics"),
+            export_interval=self.settings.metrics_export_interval, enable_standard_metrics=False))
+        system_health.start_metrics_thread(self._metrics, self._producer, self.settings.metrics_export_interval)
+        self._courier = Courier(self._exporters(), self.settings.export_retry_interval)
+        self._courier.start()
+
+    def _exporters(self):
+        """Every reliable exporter this sink feeds."""
+        return [self._event_handler, self._log_handler, self._traces, self._metrics]
 
     def _tag_envelope(self, envelope):
         """Move the user id into its tag and record the sampling rate so ItemCount is right."""
@@ -212,22 +308,35 @@ class AzureSink:
             same_process_as_parent_span=None, span_kind=kind)])
 
     def flush(self, timeout=10.0):
-        """Export everything queued so far (events, spans and this interval's metrics)."""
-        handler = _state.get("event_handler")
-        done = _drain(handler._queue, timeout) if handler else True
-        done = _drain(self._traces._queue, timeout) and done
+        """Deliver (or store) everything queued so far, including this interval's metrics."""
+        done = True
+        for exporter in self._queued_exporters():
+            exporter.spill_overflow()
+            done = _drain(exporter._queue, timeout) and done
         self._metrics.export_metrics(self._producer.get_metrics())
         return done
 
-    def close(self, timeout=10.0):
-        """Flush and stop this sink's exporters."""
-        self.flush(timeout)
-        self._traces._stop(timeout)
-        self._metrics.shutdown()
-        shutdown_logging()
+    def close(self, timeout=None):
+        """Stop in bounded time: send what is queued if the endpoint answers, store the rest."""
+        grace = self.settings.shutdown_grace if timeout is None else timeout
+        self._courier.stop(grace)
+        for exporter in self._queued_exporters():
+            if exporter.backing_off() or not _drain(exporter._queue, grace):
+                exporter.spill_queue()
+        self._metrics._store(self._metrics.apply_telemetry_processors(
+            [e for m in self._producer.get_metrics() for e in self._metrics.metric_to_envelopes(m)]))
+        self._metrics.exporter_thread.cancel()
+        self._traces._stop(grace)
+        self._metrics.storage.close()
+        shutdown_logging(self._event_handler)
+
+    def _queued_exporters(self):
+        """The exporters with a queue whose worker is still running."""
+        return [e for e in (self._event_handler, self._log_handler, self._traces) if e._worker.is_alive()]
 
     def health(self):
-        """Queue depths for /healthz."""
-        handler = _state.get("event_handler")
-        return {"started": True, "events_queued": handler._queue._queue.qsize() if handler else 0,
-                "spans_queued": self._traces._queue._queue.qsize()}
+        """Delivery counters and queue depths for /healthz."""
+        return {"started": True, "delivery": self.stats.snapshot(),
+                "queued": {"events": self._event_handler._queue._queue.qsize(),
+                           "spans": self._traces._queue._queue.qsize()},
+                "backing_off": any(e.backing_off() for e in self._exporters())}

@@ -30,6 +30,13 @@ class Settings:
     max_event_bytes: int = 64 * 1024
     trace_sampling_rate: float = 1.0
     export_interval: float = 5.0
+    export_batch_size: int = 100
+    export_queue_capacity: int = 8192
+    export_overflow_capacity: int = 100000
+    export_timeout: float = 10.0
+    export_retry_interval: float = 10.0
+    shutdown_grace: float = 5.0
+    telemetry_storage_max_mb: float = 50.0
     metrics_export_interval: float = 60.0
     local_batch_size: int = 500
     local_flush_interval: float = 0.2
@@ -54,6 +61,13 @@ _BOUNDS = {
     "max_event_bytes": (1024, 1024 * 1024),
     "trace_sampling_rate": (0, 1),
     "export_interval": (0.01, 3600),
+    "export_batch_size": (1, 1000),
+    "export_queue_capacity": (1, 1000000),
+    "export_overflow_capacity": (0, 10000000),
+    "export_timeout": (0.1, 300),
+    "export_retry_interval": (0.05, 20),
+    "shutdown_grace": (0.1, 60),
+    "telemetry_storage_max_mb": (0.01, 100000),
     "metrics_export_interval": (0.01, 3600),
     "local_batch_size": (1, 100000),
     "local_flush_interval": (0.001, 60),

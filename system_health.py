@@ -58,16 +58,12 @@ class ResponseTimeProducer(MetricProducer):
         ]
 
 
-def setup_metrics_exporter(settings, producer, options):
-    """Start the Azure metrics exporter thread that ships `producer`'s metrics every interval."""
-    from opencensus.ext.azure.metrics_exporter import MetricsExporter
+def start_metrics_thread(exporter, producer, interval):
+    """Start the OpenCensus exporter thread that ships `producer`'s metrics every interval."""
     from opencensus.metrics import transport
 
-    exporter = MetricsExporter(**dict(options, export_interval=settings.metrics_export_interval,
-                                      enable_standard_metrics=False))
-    exporter.exporter_thread = transport.get_exporter_thread(
-        [producer], exporter, interval=settings.metrics_export_interval)
-    return exporter
+    exporter.exporter_thread = transport.get_exporter_thread([producer], exporter, interval=interval)
+    return exporter.exporter_thread
 
 
 def health_report(app):

@@ -21,16 +21,17 @@ def ingestion():
     fake.stop()
 
 
+def azure_config(ingestion, tmp_path, **extra):
+    """Settings for an Azure-mode app whose exporters send to the fake endpoint."""
+    return {"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": ingestion.connection_string,
+            "TELEMETRY_STORAGE": str(tmp_path / "outbox"), "EXPORT_INTERVAL": "0.05",
+            "METRICS_EXPORT_INTERVAL": "3600", **extra}
+
+
 @pytest.fixture
 def azure_app(ingestion, tmp_path):
     """An Azure-mode app whose exporters send to the fake endpoint."""
-    application = create_app({
-        "TESTING": True,
-        "APPLICATIONINSIGHTS_CONNECTION_STRING": ingestion.connection_string,
-        "TELEMETRY_STORAGE": str(tmp_path / "outbox"),
-        "EXPORT_INTERVAL": "0.05",
-        "METRICS_EXPORT_INTERVAL": "3600",
-    })
+    application = create_app(azure_config(ingestion, tmp_path))
     yield application
     application.extensions["telemetry"].close()
 
@@ -163,9 +164,7 @@ def test_response_times_arrive_as_custom_metrics(azure_app, ingestion):
 def test_service_warnings_become_traces_and_setup_twice_adds_no_handler(azure_app, ingestion, tmp_path):
     azure_app.test_client().post("/event", json={"event_name": "Ping"})  # starts the sink
     logging.getLogger("service.test").warning("disk almost full")
-    second = create_app({"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": ingestion.connection_string,
-                         "TELEMETRY_STORAGE": azure_app.extensions["settings"].telemetry_storage,
-                         "EXPORT_INTERVAL": "0.05"})
+    second = create_app(azure_config(ingestion, tmp_path))
     second.test_client().post("/event", json={"event_name": "Ping"})
     def ours(name):
         return [h for h in logging.getLogger(name).handlers if isinstance(h, BaseLogHandler)]

@@ -1,0 +1,277 @@
+"""Delivery that loses nothing: write-ahead storage, retries without new traffic, overflow to disk.
+
+opencensus-ext-azure 1.1.15 (frozen) drops telemetry on timeouts and refused connections when
+statsbeat is off, never retries in-process, drops on a full queue and logs dropped envelopes in
+full. `ReliableExporterMixin` replaces its transmit and export paths; `Courier` is the one
+background thread per process that re-sends stored batches and writes overflow to disk.
+"""
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+
+import requests
+from opencensus.common.schedule import QueueEvent
+from opencensus.ext.azure.common.transport import TransportStatusCode
+
+from telemetry import mark_internal_thread
+
+# Never exported: a delivery warning sent through the exporters would feed back into them.
+log = logging.getLogger("azure_monitor.delivery")
+
+RETRYABLE_STATUS = frozenset({401, 403, 408, 429, 500, 502, 503, 504})
+SUCCESS, RETRY, DROP = TransportStatusCode.SUCCESS, TransportStatusCode.RETRY, TransportStatusCode.DROP
+
+
+class DeliveryStats:
+    """Thread-safe counters reported by /healthz."""
+
+    FIELDS = ("sent", "stored", "resent", "retries", "rejected", "dropped_storage_full", "overflowed")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(self.FIELDS, 0)
+        self.storage_full = False
+
+    def add(self, name, n=1):
+        """Add n to one counter."""
+        with self._lock:
+            self._counts[name] += n
+
+    def snapshot(self):
+        """A copy of the counters."""
+        with self._lock:
+            return dict(self._counts, storage_full=self.storage_full)
+
+
+class ReliableExporterMixin:
+    """Mixed in front of an OpenCensus exporter or handler class.
+
+    Every batch is written to storage before it is sent (write-ahead) and deleted only when the
+    ingestion endpoint accepted it, so a hang, a crash or a SIGTERM mid-send loses nothing.
+    While the endpoint fails, batches go straight to storage and the Courier probes it every
+    retry interval (or after Retry-After).
+    """
+
+    def _init_delivery(self, stats, retry_interval, overflow_capacity):
+        """Set up the state this mixin needs; call right after the SDK constructor."""
+        self._stats = stats
+        self._retry_interval = retry_interval
+        self._overflow = collections.deque()
+        self._overflow_capacity = overflow_capacity
+        self._retry_at = 0.0
+        self._send_lock = threading.Lock()
+
+    # -- queueing ----------------------------------------------------------
+    def _enqueue(self, item):
+        """Queue an item without blocking; a full queue overflows to memory, then to disk."""
+        try:
+            self._queue._queue.put_nowait(item)
+        except queue.Full:
+            if len(self._overflow) >= self._overflow_capacity:
+                self._store(self._to_envelopes([item]))
+            else:
+                self._overflow.append(item)
+            self._stats.add("overflowed")
+
+    def spill_overflow(self):
+        """Write overflowed items to storage in batches (called by the Courier)."""
+        while self._overflow:
+            batch = []
+            while self._overflow and len(batch) < self.max_batch_size:
+                batch.append(self._overflow.popleft())
+            self._store(self._to_envelopes(batch))
+
+    def spill_queue(self):
+        """Move everything still queued to storage (shutdown); markers are released."""
+        items = []
+        if getattr(self, "_queue", None) is None:
+            return 0
+        while True:
+            try:
+                item = self._queue._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, QueueEvent):
+                item.set()
+            else:
+                items.append(item)
+        for start in range(0, len(items), self.max_batch_size):
+            self._store(self._to_envelopes(items[start:start + self.max_batch_size]))
+        self.spill_overflow()
+        return len(items)
+
+    # -- sending -----------------------------------------------------------
+    def _to_envelopes(self, items):
+        """Convert queued items (log records or spans) to envelopes with processors applied."""
+        raise NotImplementedError
+
+    def _deliver(self, envelopes):
+        """Write-ahead store, then send unless the endpoint is backing off."""
+        if not envelopes:
+            return
+        if self.backing_off():
+            self._store(envelopes)
+            return
+        blob = self.storage.put(list(envelopes), lease_period=self.options.timeout + 5)
+        result = self._transmit(envelopes)
+        if result is SUCCESS:
+            self._stats.add("sent", len(envelopes))
+        if result is RETRY:
+            if blob is None:  # the write-ahead copy failed (storage full): try once more, counted
+                self._store(envelopes)
+            else:
+                blob.lease(self._retry_interval)
+                self._stats.add("stored", len(envelopes))
+        elif blob is not None:
+            blob.delete()
+
+    def _store(self, envelopes):
+        """Put envelopes in storage; a full storage is logged once and counted."""
+        if not envelopes:
+            return None
+        blob = self.storage.put(list(envelopes))
+        if blob is None:
+            self._stats.add("dropped_storage_full", len(envelopes))
+            if not self._stats.storage_full:
+                self._stats.storage_full = True
+                log.error("telemetry storage %s is full (TELEMETRY_STORAGE_MAX_MB); "
+                          "dropping new telemetry until it drains", self.storage.path)
+        else:
+            self._stats.add("stored", len(envelopes))
+            self._stats.storage_full = False
+        return blob
+
+    def backing_off(self):
+        """True while the endpoint recently failed and the retry time has not come."""
+        return time.monotonic() < self._retry_at
+
+    def resend_stored(self):
+        """Send stored batches oldest first; stop at the first failure. Returns batches sent."""
+        sent = 0
+        with self._send_lock:
+            for blob in self.storage.gets():
+                if self.backing_off():
+                    break
+                if not blob.lease(self.options.timeout + 5):
+                    continue
+                envelopes = blob.get()
+                if not envelopes:
+                    blob.delete()
+                    continue
+                result = self._transmit(list(envelopes))
+                if result is RETRY:
+                    blob.lease(self._retry_interval)
+                    break
+                blob.delete()
+                if result is SUCCESS:
+                    self._stats.add("resent", len(envelopes))
+                    sent += 1
+        return sent
+
+    def _transmit(self, envelopes):
+        """POST one batch; SUCCESS, RETRY (back off, keep it) or DROP. Never raises."""
+        try:
+            response = requests.post(
+                url=self.options.endpoint + "/v2.1/track",
+                data=json.dumps(envelopes, default=str),
+                headers={"Accept": "application/json", "Content-Type": "application/json; charset=utf-8"},
+                timeout=self.options.timeout,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            return self._retry_later(f"{type(exc).__name__}", None)
+        status = response.status_code
+        if status == 200:
+            self._retry_at = 0.0
+            return SUCCESS
+        if status == 206:
+            return self._partial(envelopes, response)
+        if status in RETRYABLE_STATUS:
+            return self._retry_later(f"HTTP {status}", _retry_after(response))
+        self._stats.add("rejected", len(envelopes))
+        log.error("ingestion refused a batch of %d items with HTTP %d; dropped", len(envelopes), status)
+        return DROP
+
+    def _retry_later(self, reason, retry_after):
+        """Back off for the retry interval, or for Retry-After when the server gave one."""
+        delay = retry_after if retry_after is not None else self._retry_interval
+        self._retry_at = time.monotonic() + delay
+        self._stats.add("retries")
+        log.warning("ingestion unavailable (%s); stored, next try in %.1f s", reason, delay)
+        return RETRY
+
+    def _partial(self, envelopes, response):
+        """206: store the retryable items, drop the rest with one line (count and error, no data)."""
+        try:
+            errors = response.json()["errors"]
+            retry = [envelopes[e["index"]] for e in errors if e["statusCode"] in RETRYABLE_STATUS]
+            rejected = [e for e in errors if e["statusCode"] not in RETRYABLE_STATUS]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return self._retry_later("unreadable 206 response", None)
+        self._retry_at = 0.0
+        self._stats.add("sent", len(envelopes) - len(errors))
+        if rejected:
+            self._stats.add("rejected", len(rejected))
+            first = rejected[0]
+            log.error("ingestion rejected %d of %d items (first: %s %s); dropped", len(rejected),
+                      len(envelopes), first.get("statusCode"), str(first.get("message", ""))[:200])
+        if retry:
+            self._store(retry)
+        return DROP  # the batch itself is settled: what must be retried is stored on its own
+
+
+def _retry_after(response):
+    """Seconds from a Retry-After header, or None."""
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, min(float(value), 3600.0)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class Courier:
+    """One thread per process: spills overflow to disk and re-sends stored batches."""
+
+    def __init__(self, exporters, retry_interval):
+        self.exporters = exporters
+        self.retry_interval = retry_interval
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="telemetry-courier", daemon=True)
+
+    def start(self):
+        """Start the thread."""
+        self._thread.start()
+
+    def wake(self):
+        """Run a round now (tests and flush)."""
+        self._wake.set()
+
+    def run_once(self):
+        """One round over every exporter."""
+        for exporter in self.exporters:
+            exporter.spill_overflow()
+            if not exporter.backing_off():
+                exporter.resend_stored()
+
+    def _run(self):
+        """Round every retry interval (sooner when woken) until stopped."""
+        mark_internal_thread()
+        from opencensus.trace import execution_context
+        execution_context.set_is_exporter(True)
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # a bug here must not kill the only retry thread
+                log.exception("telemetry courier round failed")
+            self._wake.wait(self.retry_interval)
+            self._wake.clear()
+
+    def stop(self, timeout=5.0):
+        """Stop the thread (a round in progress finishes)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
