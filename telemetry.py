@@ -88,6 +88,10 @@ class Telemetry:
                     atexit.register(self.close)
         return self.sink
 
+    def start(self):
+        """Start the sink in this process now rather than on first use (gunicorn's post_worker_init)."""
+        self._started_sink()
+
     def track_event(self, record):
         """Queue one custom event; never blocks on I/O."""
         self._started_sink().track_event(record)
