@@ -34,22 +34,23 @@ def create_app(config=None):
     """Build the app: settings from the environment (config overrides them), sinks, routes."""
     app = Flask(__name__, instance_relative_config=True)
     settings = load_settings(app.instance_path, overrides=config)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_event_bytes
     app.config["TESTING"] = bool(config and config.get("TESTING"))
     app.extensions["settings"] = settings
-    _init_telemetry(app, settings)
+    _init_telemetry(app, settings, (config or {}).get("LOG_ANALYTICS_CREDENTIAL"))
     request_tracking.init_app(app)
     _init_errors(app)
     _init_routes(app)
     return app
 
 
-def _init_telemetry(app, settings):
+def _init_telemetry(app, settings, credential=None):
     """Choose the sink and the usage source for the mode; nothing starts until first use."""
     if settings.mode == "azure":
         from azure_monitor import AzureSink
         sink = AzureSink(settings)
-        source, source_name = _log_analytics_source(settings), "azure_monitor"
+        source, source_name = _log_analytics_source(settings, credential), "azure_monitor"
     else:
         sink = LocalStore(settings.telemetry_db, settings.local_batch_size, settings.local_flush_interval)
         source, source_name = sink, "local"
@@ -58,16 +59,22 @@ def _init_telemetry(app, settings):
     app.extensions["usage_source_name"] = source_name
 
 
-def _log_analytics_source(settings):
-    """The Log Analytics usage source, or None (with a warning) when no workspace is configured."""
+def _log_analytics_source(settings, credential=None):
+    """The Log Analytics usage source, or None (with a warning) when no workspace is configured.
+
+    The credential is DefaultAzureCredential unless the embedding code (or a test) passes a
+    TokenCredential as config["LOG_ANALYTICS_CREDENTIAL"].
+    """
     if not settings.log_analytics_workspace_id:
         log.warning("LOG_ANALYTICS_WORKSPACE_ID is not set: /dashboard/usage will answer 503")
         return None
-    from azure.identity import DefaultAzureCredential
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+        credential = DefaultAzureCredential()
 
     from log_analytics import LogAnalyticsUsageSource
     return LogAnalyticsUsageSource(
-        settings.log_analytics_workspace_id, DefaultAzureCredential(),
+        settings.log_analytics_workspace_id, credential,
         cache_ttl=settings.usage_cache_ttl, timeout=settings.usage_query_timeout, top=settings.usage_top)
 
 

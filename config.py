@@ -97,6 +97,9 @@ def load_settings(instance_path, overrides=None, environ=None):
     if settings.applicationinsights_connection_string:
         ikey, endpoint = parse_connection_string(settings.applicationinsights_connection_string)
         settings = replace(settings, instrumentation_key=ikey, ingestion_endpoint=endpoint)
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {settings.log_level!r}")
+    settings = replace(settings, log_level=settings.log_level.upper())
     if settings.log_analytics_workspace_id:
         _require_uuid("LOG_ANALYTICS_WORKSPACE_ID", settings.log_analytics_workspace_id)
     return settings

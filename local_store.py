@@ -66,16 +66,22 @@ class LocalStore:
         self._thread = None
         self.written = 0
         self.write_errors = 0
+        self._schema_ready = False
 
     # -- sink protocol -------------------------------------------------
-    def start(self):
-        """Create the schema and start this process's writer thread."""
+    def _create_schema(self):
+        """Create the database file and its tables if they do not exist yet."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = connect(self.path)
         try:
             conn.executescript(_SCHEMA)
         finally:
             conn.close()
+        self._schema_ready = True
+
+    def start(self):
+        """Create the schema and start this process's writer thread."""
+        self._create_schema()
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="local-store-writer", daemon=True)
         self._thread.start()
@@ -172,6 +178,8 @@ class LocalStore:
     # -- usage -------------------------------------------------------------
     def rows(self, start, end, top=10):
         """Usage section rows (the shape monitoring_utils builds from) for [start, end]."""
+        if not self._schema_ready:
+            self._create_schema()
         conn = connect(self.path)
         try:
             return list(_usage_rows(conn, start.timestamp(), end.timestamp(), top))

@@ -1,0 +1,125 @@
+"""/dashboard/usage in Azure mode: the real LogsQueryClient against requests-mock replies."""
+import json
+import time
+
+import pytest
+from azure.core.credentials import AccessToken
+
+from app import create_app
+from kql_check import kql_errors
+from log_analytics import COLUMNS
+
+WORKSPACE = "00000000-1111-2222-3333-444444444444"
+URL = f"https://api.loganalytics.io/v1/workspaces/{WORKSPACE}/query"
+CONN = "InstrumentationKey=11111111-2222-3333-4444-555555555555;IngestionEndpoint=http://127.0.0.1:9/"
+
+
+class FakeCredential:
+    """A TokenCredential that never touches the network."""
+
+    def get_token(self, *scopes, **kwargs):
+        return AccessToken("test-token", int(time.time()) + 3600)
+
+
+def _row(section, **values):
+    row = {"section": section, "day": "", "name": "", "type": "", "target": "", "action": "",
+           "count": 0, "failed": 0, "users": 0, "avg_ms": None, "p50_ms": None, "p95_ms": None,
+           "p99_ms": None, **values}
+    return [row[name] for name, _ in COLUMNS]
+
+
+def _tables(rows, error=None):
+    body = {"tables": [{"name": "PrimaryResult",
+                        "columns": [{"name": n, "type": t} for n, t in COLUMNS], "rows": rows}]}
+    if error:
+        body["error"] = error
+    return body
+
+
+@pytest.fixture
+def azure_client(tmp_path):
+    """An Azure-mode app with a workspace and a fake credential (exporters never start here)."""
+    app = create_app({"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": CONN,
+                      "LOG_ANALYTICS_WORKSPACE_ID": WORKSPACE, "TELEMETRY_STORAGE": str(tmp_path),
+                      "USAGE_CACHE_TTL": "60", "LOG_ANALYTICS_CREDENTIAL": FakeCredential()})
+    app.extensions["usage_source"]._client_kwargs.update(retry_total=0)
+    return app.test_client()
+
+
+def test_azure_usage_has_the_local_shape_and_the_numbers(azure_client, requests_mock, client):
+    requests_mock.post(URL, json=_tables([
+        _row("req_summary", count=12, failed=2, avg_ms=20.5, p50_ms=10.0, p95_ms=80.0, p99_ms=99.0),
+        _row("req_top", name="GET /items/<int:id>", count=12, failed=2, p95_ms=80.0),
+        _row("evt_summary", count=5),
+        _row("evt_top", name="UserLogin", count=3, users=2),
+        _row("login_summary", count=3, users=2),
+        _row("active_summary", users=2),
+        _row("crud", name="invoice", action="update", count=2),
+    ]))
+    resp = azure_client.get("/dashboard/usage?days=7")
+    assert resp.status_code == 200
+    body = resp.get_json()
+    assert body["source"] == "azure_monitor"
+    assert body["requests"]["total"] == 12 and body["requests"]["failed"] == 2
+    assert body["requests"]["p95_ms"] == 80.0
+    assert body["requests"]["top_operations"] == [
+        {"name": "GET /items/<int:id>", "count": 12, "failed": 2, "p95_ms": 80.0}]
+    assert body["users"] == {"logins": 3, "unique_users": 2, "daily_active": body["users"]["daily_active"]}
+    assert len(body["users"]["daily_active"]) == 7
+    assert body["crud"]["by_entity"] == [{"entity": "invoice", "create": 0, "read": 0, "update": 2, "delete": 0}]
+
+    # Same JSON shape as local mode, key for key, type for type.
+    local = client.get("/dashboard/usage?days=7").get_json()
+
+    def shape(doc):
+        if isinstance(doc, dict):
+            return {k: shape(v) for k, v in doc.items()}
+        if isinstance(doc, list):
+            return "list"
+        return "number" if isinstance(doc, (int, float)) or doc is None else type(doc).__name__
+
+    assert shape(local) == shape(body)
+
+    # The query that went over the wire is valid KQL against the documented schemas.
+    sent = requests_mock.request_history[0]
+    assert sent.headers["Authorization"] == "Bearer test-token"
+    assert kql_errors([json.loads(sent.body)["query"]]) == [[]]
+
+
+def test_azure_usage_is_cached(azure_client, requests_mock):
+    requests_mock.post(URL, json=_tables([_row("evt_summary", count=1)]))
+    assert azure_client.get("/dashboard/usage?days=7").status_code == 200
+    assert azure_client.get("/dashboard/usage?days=7").status_code == 200
+    assert requests_mock.call_count == 1
+
+
+def test_throttled_log_analytics_answers_503_with_retry_after(azure_client, requests_mock):
+    requests_mock.post(URL, status_code=429, headers={"Retry-After": "17"},
+                       json={"error": {"code": "ThrottledError", "message": "slow down"}})
+    resp = azure_client.get("/dashboard/usage?days=7")
+    assert resp.status_code == 503
+    assert resp.headers["Retry-After"] == "17"
+    assert resp.get_json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_log_analytics_500_answers_503_json(azure_client, requests_mock):
+    requests_mock.post(URL, status_code=500, json={"error": {"code": "InternalServerError", "message": "x"}})
+    resp = azure_client.get("/dashboard/usage?days=7")
+    assert resp.status_code == 503
+    assert "Traceback" not in resp.get_data(as_text=True)
+
+
+def test_partial_result_answers_502(azure_client, requests_mock):
+    requests_mock.post(URL, json=_tables([_row("evt_summary", count=1)],
+                                         error={"code": "PartialError", "message": "timeout"}))
+    resp = azure_client.get("/dashboard/usage?days=7")
+    assert resp.status_code == 502
+    assert resp.get_json()["error"]["code"] == "upstream_error"
+
+
+def test_no_workspace_answers_503(tmp_path):
+    app = create_app({"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": CONN,
+                      "TELEMETRY_STORAGE": str(tmp_path)})
+    resp = app.test_client().get("/dashboard/usage")
+    assert resp.status_code == 503
+    assert "LOG_ANALYTICS_WORKSPACE_ID" in resp.get_json()["error"]["message"]
