@@ -18,7 +18,7 @@ from telemetry import Telemetry
 
 log = logging.getLogger("service.app")
 
-_DAYS = re.compile(r"^[0-9]{1,2}$")
+_DAYS = re.compile(r"[0-9]{1,2}")
 
 
 class APIError(Exception):
@@ -52,7 +52,8 @@ def _init_telemetry(app, settings, credential=None):
         sink = AzureSink(settings)
         source, source_name = _log_analytics_source(settings, credential), "azure_monitor"
     else:
-        sink = LocalStore(settings.telemetry_db, settings.local_batch_size, settings.local_flush_interval)
+        sink = LocalStore(settings.telemetry_db, settings.local_batch_size, settings.local_flush_interval,
+                          top=settings.usage_top)
         source, source_name = sink, "local"
     app.extensions["telemetry"] = Telemetry(settings, sink)
     app.extensions["usage_source"] = source
@@ -101,6 +102,10 @@ def _init_errors(app):
     def http_error(exc):
         code = re.sub(r"[^a-z0-9]+", "_", (exc.name or "error").lower()).strip("_")
         headers = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "retry-after")}
+        if exc.code == 413:
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            return _error_response(413, code, f"The body is larger than {limit} bytes (MAX_EVENT_BYTES)",
+                                   field="body")
         return _error_response(exc.code or 500, code, exc.description or exc.name, headers=headers)
 
     @app.errorhandler(Exception)
@@ -140,7 +145,7 @@ def _init_routes(app):
     def dashboard_usage():
         """Usage statistics for the dashboard."""
         raw = request.args.get("days", "30")
-        if not _DAYS.match(raw) or not 1 <= int(raw) <= 90:
+        if not _DAYS.fullmatch(raw) or not 1 <= int(raw) <= 90:
             raise APIError(400, "invalid_parameter", "days must be an integer from 1 to 90", field="days")
         try:
             return jsonify(get_usage_stats(int(raw)))

@@ -253,8 +253,11 @@ class AzureSink:
         return [self._event_handler, self._log_handler, self._traces, self._metrics]
 
     def _tag_envelope(self, envelope):
-        """Move the user id into its tag and record the sampling rate so ItemCount is right."""
-        props = envelope.data.baseData.properties
+        """User id into its tag, our success rule (only 5xx fail), and the sampling rate for ItemCount."""
+        base = envelope.data.baseData
+        if envelope.data.baseType == "RequestData":
+            base.success = int(base.responseCode) < 500
+        props = base.properties
         user = props.pop("enduser.id", None) if props else None
         if user:
             envelope.tags["ai.user.authUserId"] = user

@@ -8,6 +8,7 @@ background thread per process that re-sends stored batches and writes overflow t
 import collections
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -152,7 +153,12 @@ class ReliableExporterMixin:
         """Send stored batches oldest first; stop at the first failure. Returns batches sent."""
         sent = 0
         with self._send_lock:
-            for blob in self.storage.gets():
+            try:
+                blobs = list(self.storage.gets())
+            except FileNotFoundError:  # the folder was removed under us: recreate it
+                os.makedirs(self.storage.path, exist_ok=True)
+                return 0
+            for blob in blobs:
                 if self.backing_off():
                     break
                 if not blob.lease(self.options.timeout + 5):

@@ -58,8 +58,9 @@ def connect(path):
 class LocalStore:
     """The local sink: queues rows in memory and writes them in batches on a writer thread."""
 
-    def __init__(self, path, batch_size=500, flush_interval=0.2):
+    def __init__(self, path, batch_size=500, flush_interval=0.2, top=10):
         self.path = path
+        self.top = top
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self._queue = None
@@ -176,13 +177,13 @@ class LocalStore:
         log.error("local store dropped a batch of %d rows after 50 attempts", count)
 
     # -- usage -------------------------------------------------------------
-    def rows(self, start, end, top=10):
+    def rows(self, start, end):
         """Usage section rows (the shape monitoring_utils builds from) for [start, end]."""
         if not self._schema_ready:
             self._create_schema()
         conn = connect(self.path)
         try:
-            return list(_usage_rows(conn, start.timestamp(), end.timestamp(), top))
+            return list(_usage_rows(conn, start.timestamp(), end.timestamp(), self.top))
         finally:
             conn.close()
 

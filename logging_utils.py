@@ -3,6 +3,7 @@ import json
 import math
 from typing import Annotated, Dict, Optional, Union
 
+from pydantic_core import PydanticCustomError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 import telemetry
@@ -31,6 +32,23 @@ class Event(BaseModel):
     def _name_not_blank(cls, value):
         if not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("details", mode="before")
+    @classmethod
+    def _details_scalars(cls, value):
+        """Name the key and the rule before pydantic's union errors (which name neither clearly)."""
+        if not isinstance(value, dict):
+            raise ValueError("must be an object")
+        for key, item in value.items():
+            if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY:
+                raise ValueError(f"keys must be 1 to {MAX_KEY} characters, got {len(str(key))}")
+            if isinstance(item, (dict, list)):
+                raise PydanticCustomError("nested_value", "must be a string, number, boolean or null, not nested",
+                                          {"key": key})
+            if isinstance(item, str) and len(item) > MAX_VALUE:
+                raise PydanticCustomError("value_too_long", "must be at most {limit} characters",
+                                          {"key": key, "limit": MAX_VALUE})
         return value
 
     @field_validator("details")
@@ -66,7 +84,8 @@ def stringify(value):
 def describe_error(exc):
     """One line naming the first invalid field of a pydantic ValidationError."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if p not in ("[key]",)) or "body"
+    path = [str(p) for p in err["loc"] if p != "[key]"] + [str((err.get("ctx") or {}).get("key", ""))]
+    loc = ".".join(p for p in path if p) or "body"
     return loc, f"{loc}: {err['msg'].removeprefix('Value error, ')}"
 
 
@@ -80,9 +99,12 @@ def record_event(name, properties, user_id=""):
 
 
 def log_event(event_name, details=None):
-    """Validate and record one custom event; returns its event_id, raises ValueError when invalid."""
+    """Validate and record one custom event; returns its event_id, raises ValueError when invalid.
+
+    The audit names UserLogin and CrudActivity are refused: use usage_tracking for those.
+    """
     try:
-        event = Event(event_name=event_name, details={} if details is None else details)
+        event = PublicEvent(event_name=event_name, details={} if details is None else details)
     except ValidationError as exc:
         raise ValueError(describe_error(exc)[1]) from None
     return record_event(event.event_name, event.details)

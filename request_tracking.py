@@ -1,4 +1,5 @@
 """Request and dependency telemetry: Flask hooks for requests served, a `requests` hook for calls made."""
+import logging
 import threading
 import time
 import uuid
@@ -8,6 +9,8 @@ import requests
 from flask import current_app, g, has_app_context, request
 
 import telemetry
+
+log = logging.getLogger("telemetry.requests")
 
 _patch_lock = threading.Lock()
 _original_send = None
@@ -40,7 +43,10 @@ def _finish_request(response):
         status=response.status_code, duration_ms=(time.perf_counter() - started) * 1000.0,
         timestamp=g.request_timestamp, operation_id=g.operation_id, span_id=g.span_id,
         user_id=g.get("authenticated_user_id", ""))
-    current_app.extensions["telemetry"].track_request(record)
+    try:
+        current_app.extensions["telemetry"].track_request(record)
+    except Exception:  # telemetry must never change the answer; the failure is logged
+        log.exception("could not record the request %s", record.name)
     return response
 
 

@@ -43,7 +43,8 @@ def azure_client(tmp_path):
                       "LOG_ANALYTICS_WORKSPACE_ID": WORKSPACE, "TELEMETRY_STORAGE": str(tmp_path),
                       "USAGE_CACHE_TTL": "60", "LOG_ANALYTICS_CREDENTIAL": FakeCredential()})
     app.extensions["usage_source"]._client_kwargs.update(retry_total=0)
-    return app.test_client()
+    yield app.test_client()
+    app.extensions["telemetry"].close()
 
 
 def test_azure_usage_has_the_local_shape_and_the_numbers(azure_client, requests_mock, client):
@@ -121,5 +122,6 @@ def test_no_workspace_answers_503(tmp_path):
     app = create_app({"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": CONN,
                       "TELEMETRY_STORAGE": str(tmp_path)})
     resp = app.test_client().get("/dashboard/usage")
+    app.extensions["telemetry"].close()
     assert resp.status_code == 503
     assert "LOG_ANALYTICS_WORKSPACE_ID" in resp.get_json()["error"]["message"]
