@@ -4,30 +4,20 @@ import re
 import sys
 
 from flask import Flask, jsonify, request
-from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 import request_tracking
+import security
 import system_health
+from api_spec import ApiError, ApiSpec, EventAccepted, Health, UsageQuery, UsageReport
 from config import ConfigError, load_settings
 from local_store import LocalStore
 from log_analytics import UsageQueryError
-from logging_utils import PublicEvent, describe_error, record_event
+from logging_utils import PublicEvent, record_event
 from monitoring_utils import UsageSourceUnavailable, get_usage_stats
 from telemetry import Telemetry
 
 log = logging.getLogger("service.app")
-
-_DAYS = re.compile(r"[0-9]{1,2}")
-
-
-class APIError(Exception):
-    """An error answered as {"error": {"code", "message"}} with an HTTP status."""
-
-    def __init__(self, status, code, message, field=None, headers=None):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.field, self.headers = field, headers or {}
 
 
 def create_app(config=None):
@@ -40,8 +30,9 @@ def create_app(config=None):
     app.extensions["settings"] = settings
     _init_telemetry(app, settings, (config or {}).get("LOG_ANALYTICS_CREDENTIAL"))
     request_tracking.init_app(app)
+    security.init_app(app, settings)
     _init_errors(app)
-    _init_routes(app)
+    _init_routes(app, settings)
     return app
 
 
@@ -94,9 +85,13 @@ def _error_response(status, code, message, field=None, headers=None):
 def _init_errors(app):
     """Every error, expected or not, answers JSON; nothing leaks a stack trace."""
 
-    @app.errorhandler(APIError)
+    @app.errorhandler(ApiError)
     def api_error(exc):
         return _error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    @app.errorhandler(security.Unauthorized)
+    def unauthorized(exc):
+        return _error_response(401, "unauthorized", exc.message, headers={"WWW-Authenticate": exc.challenge})
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
@@ -106,6 +101,9 @@ def _init_errors(app):
             limit = app.config["MAX_CONTENT_LENGTH"]
             return _error_response(413, code, f"The body is larger than {limit} bytes (MAX_EVENT_BYTES)",
                                    field="body")
+        if exc.code == 429:
+            return _error_response(429, "rate_limited", f"Rate limit exceeded ({exc.description})",
+                                   headers=headers)
         return _error_response(exc.code or 500, code, exc.description or exc.name, headers=headers)
 
     @app.errorhandler(Exception)
@@ -114,53 +112,62 @@ def _init_errors(app):
         return _error_response(500, "internal_error", "The server failed to handle the request.")
 
 
-def _json_object():
-    """The request body as a JSON object, or an APIError naming what is wrong."""
-    if not request.is_json:
-        raise APIError(415, "unsupported_media_type", "Content-Type must be application/json")
-    body = request.get_json(silent=True)
-    if body is None:
-        raise APIError(400, "invalid_json", "The body is not valid JSON", field="body")
-    if not isinstance(body, dict):
-        raise APIError(400, "invalid_body", "The body must be a JSON object", field="body")
-    return body
-
-
-def _init_routes(app):
-    """Register the public routes."""
+def _init_routes(app, settings):
+    """Register the public routes; each declares its models in the OpenAPI registry."""
+    spec = ApiSpec("Usage monitoring backend", "1.0.0")
+    app.extensions["api_spec"] = spec
 
     @app.post("/event")
-    def post_event():
+    @security.limit(app, settings.event_rate_limit)
+    @spec.operation("/event", "POST", "Record one custom event (asynchronously)", body=PublicEvent,
+                    response=EventAccepted, status=202, errors=(400, 413, 415, 422, 429), security="apiKey")
+    def post_event(body):
         """Accept one custom event from a frontend; it is recorded asynchronously."""
-        body = _json_object()
-        try:
-            event = PublicEvent.model_validate(body)
-        except ValidationError as exc:
-            field, message = describe_error(exc)
-            raise APIError(422, "validation_error", message, field=field) from None
-        event_id = record_event(event.event_name, event.details)
+        security.require_event_api_key(settings)
+        event_id = record_event(body.event_name, body.details)
         return jsonify({"status": "accepted", "event_id": event_id}), 202
 
     @app.get("/dashboard/usage")
-    def dashboard_usage():
+    @security.limit(app, settings.dashboard_rate_limit)
+    @spec.operation("/dashboard/usage", "GET", "Usage statistics for the dashboard", query=UsageQuery,
+                    response=UsageReport, errors=(400, 429, 502, 503), security="bearerAuth")
+    def dashboard_usage(query):
         """Usage statistics for the dashboard."""
-        raw = request.args.get("days", "30")
-        if not _DAYS.fullmatch(raw) or not 1 <= int(raw) <= 90:
-            raise APIError(400, "invalid_parameter", "days must be an integer from 1 to 90", field="days")
+        security.require_dashboard_token(settings)
         try:
-            return jsonify(get_usage_stats(int(raw)))
+            return jsonify(get_usage_stats(query.days))
         except UsageSourceUnavailable as exc:
-            raise APIError(503, "usage_source_unavailable", str(exc)) from None
+            raise ApiError(503, "usage_source_unavailable", str(exc)) from None
         except UsageQueryError as exc:
             log.warning("usage query failed: %s", exc.message)
-            raise APIError(exc.status, "upstream_unavailable" if exc.status == 503 else "upstream_error",
+            raise ApiError(exc.status, "upstream_unavailable" if exc.status == 503 else "upstream_error",
                            exc.message, headers={"Retry-After": str(exc.retry_after)} if exc.retry_after else None
                            ) from None
 
     @app.get("/healthz")
+    @spec.operation("/healthz", "GET", "Liveness and telemetry counters", response=Health)
     def healthz():
         """Liveness and telemetry counters; never secrets."""
         return jsonify(system_health.health_report(app))
+
+    @app.get("/openapi.json")
+    def openapi():
+        """The OpenAPI document, generated from the models the routes validate with."""
+        active = {name for name, on in (("apiKey", settings.event_api_keys), ("bearerAuth", settings.dashboard_token))
+                  if on}
+        return jsonify(spec.render(security_schemes=_SECURITY_SCHEMES, active_security=active))
+
+    if settings.bench_bare_endpoint:
+        @app.route("/bench/bare", methods=["GET", "POST"])
+        def bench_bare():
+            """Does nothing: the ceiling for benchmarks (BENCH_BARE_ENDPOINT=true only)."""
+            return "", 204
+
+
+_SECURITY_SCHEMES = {
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
+    "bearerAuth": {"type": "http", "scheme": "bearer"},
+}
 
 
 def __getattr__(name):

@@ -41,6 +41,18 @@ class Settings:
     local_batch_size: int = 500
     local_flush_interval: float = 0.2
     log_level: str = "INFO"
+    dashboard_token: str = field(default="", repr=False)
+    dashboard_auth: bool = True
+    event_api_keys: tuple = field(default=(), repr=False)
+    cors_origins: tuple = ()
+    rate_limit_enabled: bool = True
+    rate_limit_storage_uri: str = field(default="memory://", repr=False)
+    event_rate_limit: str = "600 per minute"
+    dashboard_rate_limit: str = "60 per minute"
+    redact_keys: tuple = ("password", "passwd", "pwd", "secret", "token", "authorization", "cookie",
+                          "session", "api_key", "apikey", "credential", "private_key")
+    trusted_proxies: int = 0
+    bench_bare_endpoint: bool = False
     # Parsed from the connection string; not read from the environment.
     instrumentation_key: str = field(default="", repr=False)
     ingestion_endpoint: str = field(default="", repr=False)
@@ -71,6 +83,7 @@ _BOUNDS = {
     "metrics_export_interval": (0.01, 3600),
     "local_batch_size": (1, 100000),
     "local_flush_interval": (0.001, 60),
+    "trusted_proxies": (0, 10),
 }
 _DERIVED = {"instrumentation_key", "ingestion_endpoint"}
 
@@ -100,6 +113,12 @@ def load_settings(instance_path, overrides=None, environ=None):
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {settings.log_level!r}")
     settings = replace(settings, log_level=settings.log_level.upper())
+    settings = replace(settings, redact_keys=tuple(k.lower() for k in settings.redact_keys))
+    for var in ("event_rate_limit", "dashboard_rate_limit"):
+        _require_limit(var.upper(), getattr(settings, var))
+    if settings.mode == "azure" and settings.dashboard_auth and not settings.dashboard_token:
+        raise ConfigError("DASHBOARD_TOKEN must be set in Azure mode (or DASHBOARD_AUTH=off to leave "
+                          "/dashboard/usage open on purpose)")
     if settings.log_analytics_workspace_id:
         _require_uuid("LOG_ANALYTICS_WORKSPACE_ID", settings.log_analytics_workspace_id)
     return settings
@@ -113,6 +132,9 @@ def _convert(name, typ, raw):
     conv = typ
     if typ is bool:
         return parse_bool(var, raw)
+    if typ is tuple:
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        return tuple(i.strip() for i in items if str(i).strip())
     try:
         value = conv(raw)
     except (TypeError, ValueError):
@@ -131,6 +153,15 @@ def parse_bool(var, raw):
     if text in _FALSE:
         return False
     raise ConfigError(f"{var} must be true or false, got {raw!r}")
+
+
+def _require_limit(var, value):
+    """Raise ConfigError unless value is a rate-limit string such as '600 per minute'."""
+    from limits import parse_many
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ConfigError(f"{var} must be a rate limit such as '600 per minute', got {value!r}") from None
 
 
 def _require_uuid(var, value):

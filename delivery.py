@@ -189,6 +189,9 @@ class ReliableExporterMixin:
             )
         except requests.RequestException as exc:
             return self._retry_later(f"{type(exc).__name__}", None)
+        except Exception as exc:  # never lose a batch to an unexpected error: log it, keep the batch
+            log.exception("unexpected error while sending telemetry")
+            return self._retry_later(type(exc).__name__, None)
         status = response.status_code
         if status == 200:
             self._retry_at = 0.0

@@ -1,22 +1,34 @@
 """Custom events: validation (pydantic) and recording through the current app's telemetry."""
 import json
 import math
-from typing import Annotated, Dict, Optional, Union
+import re
+from typing import Annotated, Dict, Union
 
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, field_validator)
 from pydantic_core import PydanticCustomError
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 import telemetry
+from security import redact
 
 MAX_NAME = 512
 MAX_KEY = 150
 MAX_VALUE = 8192
 MAX_PROPERTIES_BYTES = 60 * 1024  # Application Insights accepts 64 KB per item; leave room for the envelope.
-RESERVED_EVENT_NAMES = frozenset({"UserLogin", "CrudActivity"})
-RESERVED_PROPERTIES = frozenset({"event_id"})
+RESERVED_EVENT_NAMES = ("UserLogin", "CrudActivity")
+RESERVED_PROPERTIES = ("event_id",)
+# Names and keys: no control characters; names need one visible character. Values: no control
+# characters except tab, newline and carriage return. These patterns are the validation *and*
+# the OpenAPI schema.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+KEY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+VALUE_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+_KEY_RE = re.compile(KEY_PATTERN)
 
-PropertyKey = Annotated[str, Field(min_length=1, max_length=MAX_KEY)]
-PropertyValue = Union[StrictBool, StrictInt, StrictFloat, Annotated[StrictStr, Field(max_length=MAX_VALUE)], None]
+PropertyValue = Union[StrictBool, StrictInt, StrictFloat,
+                      Annotated[StrictStr, Field(max_length=MAX_VALUE, pattern=VALUE_PATTERN)], None]
+_DETAILS_SCHEMA = {"propertyNames": {"minLength": 1, "maxLength": MAX_KEY, "pattern": KEY_PATTERN,
+                                     "not": {"enum": list(RESERVED_PROPERTIES)}}}
 
 
 class Event(BaseModel):
@@ -24,14 +36,17 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    event_name: Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME)]
-    details: Dict[PropertyKey, PropertyValue] = Field(default_factory=dict)
+    event_name: Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME, pattern=NAME_PATTERN,
+                                           description="Event name shown in customEvents")]
+    details: Annotated[Dict[str, PropertyValue], Field(
+        default_factory=dict, json_schema_extra=_DETAILS_SCHEMA,
+        description="Flat properties; values are sent to Application Insights as strings")]
 
     @field_validator("event_name")
     @classmethod
-    def _name_not_blank(cls, value):
-        if not value.strip():
-            raise ValueError("must not be blank")
+    def _name_is_unicode(cls, value):
+        """Lone surrogates cannot be stored or sent."""
+        _require_utf8(value)
         return value
 
     @field_validator("details", mode="before")
@@ -41,25 +56,27 @@ class Event(BaseModel):
         if not isinstance(value, dict):
             raise ValueError("must be an object")
         for key, item in value.items():
-            if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY:
-                raise ValueError(f"keys must be 1 to {MAX_KEY} characters, got {len(str(key))}")
+            if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY or not _KEY_RE.match(key):
+                raise ValueError(f"keys must be 1 to {MAX_KEY} characters without control characters")
+            if key in RESERVED_PROPERTIES:
+                raise ValueError(f"key {key!r} is reserved")
             if isinstance(item, (dict, list)):
                 raise PydanticCustomError("nested_value", "must be a string, number, boolean or null, not nested",
                                           {"key": key})
             if isinstance(item, str) and len(item) > MAX_VALUE:
                 raise PydanticCustomError("value_too_long", "must be at most {limit} characters",
                                           {"key": key, "limit": MAX_VALUE})
+            if isinstance(item, float) and not math.isfinite(item):
+                raise PydanticCustomError("not_finite", "must be a finite number", {"key": key})
+            _require_utf8(key)
+            if isinstance(item, str):
+                _require_utf8(item)
         return value
 
     @field_validator("details")
     @classmethod
     def _details_fit(cls, value):
-        clash = RESERVED_PROPERTIES.intersection(value)
-        if clash:
-            raise ValueError(f"key {sorted(clash)[0]!r} is reserved")
-        for key, item in value.items():
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ValueError(f"value of {key!r} must be a finite number")
+        """The whole item must fit Application Insights' 64 KB."""
         if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_PROPERTIES_BYTES:
             raise ValueError(f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
         return value
@@ -68,12 +85,25 @@ class Event(BaseModel):
 class PublicEvent(Event):
     """A custom event posted by a client: the server's audit names are refused."""
 
+    event_name: Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME, pattern=NAME_PATTERN,
+                                           json_schema_extra={"not": {"enum": list(RESERVED_EVENT_NAMES)}},
+                                           description="Event name; UserLogin and CrudActivity are reserved")]
+
     @field_validator("event_name")
     @classmethod
     def _not_reserved(cls, value):
+        """Only the server emits the audit events."""
         if value in RESERVED_EVENT_NAMES:
             raise ValueError(f"{value!r} is reserved for events the server emits")
         return value
+
+
+def _require_utf8(text):
+    """Raise ValueError for text that cannot be encoded (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
 
 
 def stringify(value):
@@ -91,11 +121,12 @@ def describe_error(exc):
 
 def record_event(name, properties, user_id=""):
     """Send an already-validated event through the telemetry pipeline; returns its event_id."""
-    props = {k: stringify(v) for k, v in properties.items()}
+    sink = telemetry.current()
+    props = {k: stringify(v) for k, v in redact(properties, sink.settings.redact_keys).items()}
     rec = telemetry.EventRecord(name=name, properties=props, user_id=user_id or "",
                                 operation_id=telemetry.current_operation_id())
     rec.properties["event_id"] = rec.event_id
-    return telemetry.current().track_event(rec)
+    return sink.track_event(rec)
 
 
 def log_event(event_name, details=None):

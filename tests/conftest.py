@@ -12,8 +12,13 @@ from app import create_app  # noqa: E402
 
 # No test may reach Microsoft's statsbeat endpoint or pick up a developer's settings.
 os.environ["APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL"] = "true"
-for _var in ("APPLICATIONINSIGHTS_CONNECTION_STRING", "LOG_ANALYTICS_WORKSPACE_ID", "TELEMETRY_DB"):
+for _var in ("APPLICATIONINSIGHTS_CONNECTION_STRING", "LOG_ANALYTICS_WORKSPACE_ID", "TELEMETRY_DB",
+             "DASHBOARD_TOKEN", "EVENT_API_KEYS", "CORS_ORIGINS"):
     os.environ.pop(_var, None)
+# Security rules are proven in test_security.py, which turns them back on; elsewhere they would
+# only get in the way of counting (Azure mode refuses to start without DASHBOARD_TOKEN).
+os.environ["DASHBOARD_AUTH"] = "off"
+os.environ["RATE_LIMIT_ENABLED"] = "false"
 
 
 @pytest.fixture

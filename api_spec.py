@@ -1,0 +1,289 @@
+"""The HTTP contract: request validation and the OpenAPI document, both from the same pydantic models."""
+import functools
+import json
+import re
+from typing import Annotated, Dict, List, Literal, Optional
+
+from flask import request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.json_schema import models_json_schema
+
+from logging_utils import describe_error
+
+_DAYS = re.compile(r"[0-9]{1,2}")
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {"code", "message", "field"?}} with an HTTP status."""
+
+    def __init__(self, status, code, message, field=None, headers=None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.field, self.headers = field, headers or {}
+
+
+# -- request models (the validation) ------------------------------------------------------
+class UsageQuery(BaseModel):
+    """Query string of GET /dashboard/usage."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    days: Annotated[int, Field(ge=1, le=90, description="Days in the window, today included")] = 30
+
+    @field_validator("days", mode="before")
+    @classmethod
+    def _digits_only(cls, value):
+        """Only plain decimal digits: no sign, spaces, decimals or exponents."""
+        if isinstance(value, str) and not _DAYS.fullmatch(value):
+            raise ValueError("must be an integer from 1 to 90")
+        return value
+
+
+# -- response models (documentation and schemathesis' conformance checks) -------------------
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str
+    message: str
+    field: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body."""
+
+    error: ErrorDetail
+
+
+class EventAccepted(BaseModel):
+    """POST /event's answer."""
+
+    status: Literal["accepted"]
+    event_id: Annotated[str, Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")]
+
+
+Ms = Optional[float]
+
+
+class DailyCount(BaseModel):
+    date: str
+    count: int
+
+
+class DailyFailed(DailyCount):
+    failed: int
+
+
+class DailyUsers(BaseModel):
+    date: str
+    users: int
+
+
+class TopOperation(BaseModel):
+    name: str
+    count: int
+    failed: int
+    p95_ms: Ms
+
+
+class TopTarget(BaseModel):
+    type: str
+    target: str
+    count: int
+    failed: int
+    avg_ms: Ms
+
+
+class TopEvent(BaseModel):
+    name: str
+    count: int
+    users: int
+
+
+class Timespan(BaseModel):
+    start: str
+    end: str
+    days: int
+
+
+class RequestStats(BaseModel):
+    total: int
+    failed: int
+    avg_ms: Ms
+    p50_ms: Ms
+    p95_ms: Ms
+    p99_ms: Ms
+    daily: List[DailyFailed]
+    top_operations: List[TopOperation]
+
+
+class DependencyStats(BaseModel):
+    total: int
+    failed: int
+    avg_ms: Ms
+    daily: List[DailyFailed]
+    top_targets: List[TopTarget]
+
+
+class EventStats(BaseModel):
+    total: int
+    daily: List[DailyCount]
+    top: List[TopEvent]
+
+
+class UserStats(BaseModel):
+    logins: int
+    unique_users: int
+    daily_active: List[DailyUsers]
+
+
+class CrudCounts(BaseModel):
+    create: int
+    read: int
+    update: int
+    delete: int
+
+
+class EntityCounts(CrudCounts):
+    entity: str
+
+
+class CrudStats(BaseModel):
+    total: int
+    by_action: CrudCounts
+    by_entity: List[EntityCounts]
+
+
+class UsageReport(BaseModel):
+    """GET /dashboard/usage's answer; the same shape in local and Azure mode."""
+
+    source: Literal["local", "azure_monitor"]
+    generated_at: str
+    timespan: Timespan
+    requests: RequestStats
+    dependencies: DependencyStats
+    events: EventStats
+    users: UserStats
+    crud: CrudStats
+
+
+class Health(BaseModel):
+    """GET /healthz's answer."""
+
+    status: Literal["ok"]
+    mode: Literal["local", "azure"]
+    usage_source: str
+    telemetry: Dict[str, object]
+
+
+# -- the registry -----------------------------------------------------------------------------
+_DESCRIPTIONS = {200: "OK", 202: "Accepted", 400: "Malformed request", 401: "Missing or wrong credential",
+                 413: "Body too large", 415: "Content-Type is not application/json",
+                 422: "A field breaks the rules (the error names it)", 429: "Rate limit exceeded",
+                 502: "Log Analytics failed", 503: "Log Analytics unavailable or not configured"}
+
+
+class ApiSpec:
+    """Routes declare their models here; the decorator validates with them and the spec renders them."""
+
+    def __init__(self, title, version):
+        self.title, self.version = title, version
+        self._operations = []
+
+    def operation(self, path, method, summary, *, body=None, query=None, response=None, status=200,
+                  errors=(), security=None):
+        """Decorate a view: validate its JSON body / query string and record it in the spec."""
+        self._operations.append(dict(path=path, method=method.lower(), summary=summary, body=body,
+                                     query=query, response=response, status=status, errors=errors,
+                                     security=security))
+
+        def decorator(view):
+            @functools.wraps(view)
+            def wrapper(*args, **kwargs):
+                if query is not None:
+                    kwargs["query"] = _validate(query, request.args.to_dict(), 400, "invalid_parameter")
+                if body is not None:
+                    kwargs["body"] = _validate(body, parse_json_object(), 422, "validation_error")
+                return view(*args, **kwargs)
+            return wrapper
+        return decorator
+
+    def render(self, security_schemes=None, active_security=()):
+        """The OpenAPI 3.1 document for the operations registered so far."""
+        models = {ErrorResponse}
+        for op in self._operations:
+            models.update(m for m in (op["body"], op["query"], op["response"]) if m is not None)
+        _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+                                     ref_template="#/components/schemas/{model}")
+        paths = {}
+        for op in self._operations:
+            paths.setdefault(op["path"], {})[op["method"]] = self._render_op(op, active_security)
+        doc = {"openapi": "3.1.0", "info": {"title": self.title, "version": self.version},
+               "paths": paths, "components": {"schemas": defs.get("$defs", {})}}
+        if security_schemes:
+            doc["components"]["securitySchemes"] = security_schemes
+        return doc
+
+    @staticmethod
+    def _render_op(op, active_security):
+        """One operation object."""
+        ref = lambda m: {"$ref": f"#/components/schemas/{m.__name__}"}  # noqa: E731
+        responses = {str(op["status"]): {"description": _DESCRIPTIONS.get(op["status"], "OK")}}
+        if op["response"] is not None:
+            responses[str(op["status"])]["content"] = {"application/json": {"schema": ref(op["response"])}}
+        errors = set(op["errors"])
+        secured = op["security"] in active_security
+        if secured:
+            errors.add(401)
+        for code in sorted(errors):
+            responses[str(code)] = {"description": _DESCRIPTIONS[code],
+                                    "content": {"application/json": {"schema": ref(ErrorResponse)}}}
+        out = {"summary": op["summary"], "responses": responses}
+        if op["query"] is not None:
+            schema = op["query"].model_json_schema()
+            out["parameters"] = [
+                {"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop}
+                for name, prop in schema["properties"].items()]
+        if op["body"] is not None:
+            out["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(op["body"])}}}
+        if secured:
+            out["security"] = [{op["security"]: []}]
+        return out
+
+
+def _validate(model, data, status, code):
+    """Validate data with model or raise ApiError naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        field, message = describe_error(exc)
+        raise ApiError(status, code, message, field=field) from None
+
+
+def _unique_keys(pairs):
+    """object_pairs_hook refusing duplicate keys."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constants(name):
+    """parse_constant refusing NaN and Infinity, which are not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object():
+    """The request body as a JSON object, or an ApiError naming what is wrong."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    data = request.get_data(cache=True)
+    try:
+        body = json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        reason = str(exc) if isinstance(exc, ValueError) and "duplicate" in str(exc) else "the body is not valid JSON"
+        raise ApiError(400, "invalid_json", reason, field="body") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "The body must be a JSON object", field="body")
+    return body

@@ -1,0 +1,78 @@
+"""Safe by default: dashboard token, event API keys, CORS allow-list, rate limits, redaction, headers."""
+import hmac
+
+from flask import request
+from flask_cors import CORS
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+REDACTED = "[REDACTED]"
+
+
+class Unauthorized(Exception):
+    """A missing or wrong credential; answered 401 with a WWW-Authenticate challenge."""
+
+    def __init__(self, message, challenge):
+        super().__init__(message)
+        self.message, self.challenge = message, challenge
+
+
+def init_app(app, settings):
+    """Install proxy handling, CORS, rate limits and response headers for this app."""
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
+    if settings.cors_origins:
+        CORS(app, resources={r"/event": {"origins": list(settings.cors_origins)},
+                             r"/dashboard/*": {"origins": list(settings.cors_origins)}},
+             allow_headers=["Content-Type", "Authorization", "X-Api-Key"], max_age=600)
+    app.extensions["limiter"] = Limiter(
+        get_remote_address, app=app, storage_uri=settings.rate_limit_storage_uri,
+        enabled=settings.rate_limit_enabled, headers_enabled=True, default_limits=[])
+    app.after_request(_security_headers)
+
+
+def limit(app, value):
+    """The rate-limit decorator of this app's limiter (a no-op limit string when disabled)."""
+    return app.extensions["limiter"].limit(value)
+
+
+def _security_headers(response):
+    """Headers every response carries."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _matches(given, expected):
+    """Constant-time comparison of two secrets."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+
+
+def require_dashboard_token(settings):
+    """Check `Authorization: Bearer <DASHBOARD_TOKEN>` when a token is configured."""
+    if not settings.dashboard_token:
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not _matches(token.strip(), settings.dashboard_token):
+        raise Unauthorized("A valid bearer token is required (Authorization: Bearer …)",
+                           'Bearer realm="dashboard"')
+
+
+def require_event_api_key(settings):
+    """Check `X-Api-Key` against EVENT_API_KEYS when keys are configured."""
+    if not settings.event_api_keys:
+        return
+    given = request.headers.get("X-Api-Key", "")
+    # Compare with every key so the time does not reveal which one matched.
+    if not sum(_matches(given, key) for key in settings.event_api_keys):
+        raise Unauthorized("A valid API key is required (X-Api-Key header)", 'ApiKey header="X-Api-Key"')
+
+
+def redact(properties, redact_keys):
+    """Replace the value of every property whose key contains a redaction word (case-insensitive)."""
+    out = {}
+    for key, value in properties.items():
+        lowered = key.lower()
+        out[key] = REDACTED if any(word in lowered for word in redact_keys) else value
+    return out
