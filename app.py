@@ -26,6 +26,7 @@ def create_app(config=None):
     settings = load_settings(app.instance_path, overrides=config)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_event_bytes
+    app.config["DEBUG"] = False  # never from FLASK_DEBUG: the debugger would answer with stack traces
     app.config["TESTING"] = bool(config and config.get("TESTING"))
     app.extensions["settings"] = settings
     _init_telemetry(app, settings, (config or {}).get("LOG_ANALYTICS_CREDENTIAL"))
