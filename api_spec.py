@@ -274,11 +274,38 @@ def _no_constants(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+_MAX_DEPTH = 32
+
+
+def _depth(data):
+    """The deepest nesting of JSON arrays and objects in data, strings skipped."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def parse_json_object():
     """The request body as a JSON object, or an ApiError naming what is wrong."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
     data = request.get_data(cache=True)
+    if data.count(b"[") + data.count(b"{") > _MAX_DEPTH and _depth(data) > _MAX_DEPTH:
+        raise ApiError(400, "invalid_json", f"the body nests deeper than {_MAX_DEPTH} levels", field="body")
     try:
         body = json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
