@@ -1,8 +1,10 @@
 """Azure mode: OpenCensus exporters for custom events, traces, requests, dependencies and metrics."""
+import itertools
 import logging
 import os
 import queue
 import threading
+import time
 from datetime import datetime, timezone
 
 from opencensus.common.schedule import QueueEvent
@@ -28,7 +30,8 @@ SERVICE_LOGGERS = ("service", "app")
 _ZERO_TRACE = "0" * 32
 
 _lock = threading.Lock()
-_state = {}
+_registry = {}  # (pid, settings) -> handlers of one Azure configuration in this process
+_serial = itertools.count(1)
 
 
 class _RealLockMixin:
@@ -145,33 +148,40 @@ def _exporter_options(settings, stats, kind):
 
 
 def setup_logging(settings, stats):
-    """Attach the event and trace handlers once per process; a second call adds nothing.
+    """Attach the event and trace handlers for these settings once per process.
 
-    Returns (event logger, event handler, log handler). A call with other settings (tests
-    build many apps) replaces the handlers rather than adding more.
+    Returns (event logger, event handler, log handler). The same settings again add nothing
+    (the handlers are shared and reference-counted); other settings (another app in the same
+    process) get their own event logger, so each app's events reach its own resource.
     """
     key = (os.getpid(), settings)
     with _lock:
-        if _state.get("key") == key:
-            _state["users"] += 1
-            return _state["event_logger"], _state["event_handler"], _state["log_handler"]
-        _detach(close=_state.get("key", (None,))[0] == os.getpid())
-        _setup_statsbeat(settings)
-        event_handler = EventHandler(**_exporter_options(settings, stats, "events"))
-        log_handler = LogHandler(**_exporter_options(settings, stats, "traces"))
-        log_handler.setLevel(logging.WARNING)
-        event_logger = logging.getLogger(EVENT_LOGGER)
-        event_logger.setLevel(logging.INFO)
-        event_logger.propagate = False
-        event_logger.addHandler(event_handler)
-        for name in SERVICE_LOGGERS:
-            logger = logging.getLogger(name)
-            if logger.level == logging.NOTSET or logger.level > logging.WARNING:
-                logger.setLevel(logging.WARNING)
-            logger.addHandler(log_handler)
-        _state.update(key=key, event_handler=event_handler, log_handler=log_handler,
-                      event_logger=event_logger, users=1)
-        return event_logger, event_handler, log_handler
+        entry = _registry.get(key)
+        if entry is None:
+            _forget_other_processes()
+            entry = _attach(settings, stats)
+            _registry[key] = entry
+        entry["users"] += 1
+        return entry["event_logger"], entry["event_handler"], entry["log_handler"]
+
+
+def _attach(settings, stats):
+    """Create the handlers and put them on their loggers (never on the root logger)."""
+    _setup_statsbeat(settings)
+    event_handler = EventHandler(**_exporter_options(settings, stats, "events"))
+    log_handler = LogHandler(**_exporter_options(settings, stats, "traces"))
+    log_handler.setLevel(logging.WARNING)
+    event_logger = logging.getLogger(f"{EVENT_LOGGER}.{next(_serial)}")
+    event_logger.setLevel(logging.INFO)
+    event_logger.propagate = False
+    event_logger.addHandler(event_handler)
+    for name in SERVICE_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+        logger.addHandler(log_handler)
+    return {"event_logger": event_logger, "event_handler": event_handler, "log_handler": log_handler,
+            "users": 0}
 
 
 def _setup_statsbeat(settings):
@@ -180,30 +190,33 @@ def _setup_statsbeat(settings):
         os.environ["APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL"] = "true"
 
 
-def _detach(close):
-    """Remove this module's handlers from their loggers; close them if they belong to this process."""
-    event_handler = _state.pop("event_handler", None)
-    log_handler = _state.pop("log_handler", None)
-    _state.clear()
-    if event_handler:
-        logging.getLogger(EVENT_LOGGER).removeHandler(event_handler)
-    if log_handler:
+def _detach(entry, timeout=None):
+    """Remove an entry's handlers from their loggers and, in their own process, close them."""
+    entry["event_logger"].removeHandler(entry["event_handler"])
+    for name in SERVICE_LOGGERS:
+        logging.getLogger(name).removeHandler(entry["log_handler"])
+    for handler in (entry["event_handler"], entry["log_handler"]):
+        handler.close(timeout)
+
+
+def _forget_other_processes():
+    """After a fork, drop the parent's handlers: their worker threads do not exist here."""
+    for key in [k for k in _registry if k[0] != os.getpid()]:
+        entry = _registry.pop(key)
+        entry["event_logger"].removeHandler(entry["event_handler"])
         for name in SERVICE_LOGGERS:
-            logging.getLogger(name).removeHandler(log_handler)
-    if close:
-        for handler in (event_handler, log_handler):
-            if handler:
-                handler.close()
+            logging.getLogger(name).removeHandler(entry["log_handler"])
 
 
-def shutdown_logging(handler):
+def shutdown_logging(handler, timeout=None):
     """Release the handlers; the last user in this process removes and closes them."""
     with _lock:
-        if _state.get("event_handler") is not handler:
-            return
-        _state["users"] -= 1
-        if _state["users"] <= 0:
-            _detach(close=_state["key"][0] == os.getpid())
+        for key, entry in list(_registry.items()):
+            if entry["event_handler"] is handler and key[0] == os.getpid():
+                entry["users"] -= 1
+                if entry["users"] <= 0:
+                    del _registry[key]
+                    _detach(entry, timeout)
 
 
 def _iso(ts):
@@ -320,18 +333,23 @@ class AzureSink:
         return done
 
     def close(self, timeout=None):
-        """Stop in bounded time: send what is queued if the endpoint answers, store the rest."""
-        grace = self.settings.shutdown_grace if timeout is None else timeout
-        self._courier.stop(grace)
+        """Stop within SHUTDOWN_GRACE: send what is queued if the endpoint answers, store the rest.
+
+        A batch being sent when the time is up is already in storage (write-ahead), so nothing
+        waits for a hanging endpoint beyond the grace period.
+        """
+        deadline = time.monotonic() + (self.settings.shutdown_grace if timeout is None else timeout)
+        remaining = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+        self._courier.stop(remaining())
         for exporter in self._queued_exporters():
-            if exporter.backing_off() or not _drain(exporter._queue, grace):
+            if exporter.backing_off() or not _drain(exporter._queue, remaining()):
                 exporter.spill_queue()
         self._metrics._store(self._metrics.apply_telemetry_processors(
             [e for m in self._producer.get_metrics() for e in self._metrics.metric_to_envelopes(m)]))
         self._metrics.exporter_thread.cancel()
-        self._traces._stop(grace)
+        self._traces._stop(remaining() or 0.01)
         self._metrics.storage.close()
-        shutdown_logging(self._event_handler)
+        shutdown_logging(self._event_handler, remaining() or 0.01)
 
     def _queued_exporters(self):
         """The exporters with a queue whose worker is still running."""

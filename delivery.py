@@ -34,7 +34,7 @@ class DeliveryStats:
     def __init__(self):
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self.FIELDS, 0)
-        self.storage_full = False
+        self._full = set()
 
     def add(self, name, n=1):
         """Add n to one counter."""
@@ -44,7 +44,14 @@ class DeliveryStats:
     def snapshot(self):
         """A copy of the counters."""
         with self._lock:
-            return dict(self._counts, storage_full=self.storage_full)
+            return dict(self._counts, storage_full=bool(self._full), full_folders=sorted(self._full))
+
+    def mark_full(self, folder, full):
+        """Record whether one storage folder is full; True when this call changed it."""
+        with self._lock:
+            changed = (folder in self._full) != full
+            (self._full.add if full else self._full.discard)(folder)
+            return changed
 
 
 class ReliableExporterMixin:
@@ -136,13 +143,12 @@ class ReliableExporterMixin:
         blob = self.storage.put(list(envelopes))
         if blob is None:
             self._stats.add("dropped_storage_full", len(envelopes))
-            if not self._stats.storage_full:
-                self._stats.storage_full = True
+            if self._stats.mark_full(os.path.basename(self.storage.path), True):
                 log.error("telemetry storage %s is full (TELEMETRY_STORAGE_MAX_MB); "
                           "dropping new telemetry until it drains", self.storage.path)
         else:
             self._stats.add("stored", len(envelopes))
-            self._stats.storage_full = False
+            self._stats.mark_full(os.path.basename(self.storage.path), False)
         return blob
 
     def backing_off(self):

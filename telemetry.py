@@ -111,8 +111,8 @@ class Telemetry:
             return self.sink.flush(timeout)
         return True
 
-    def close(self, timeout=10.0):
-        """Flush and stop the sink's background work in this process."""
+    def close(self, timeout=None):
+        """Flush and stop the sink's background work in this process (the sink's own grace by default)."""
         with self._lock:
             if self._pid != os.getpid():
                 return

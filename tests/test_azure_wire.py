@@ -166,12 +166,14 @@ def test_service_warnings_become_traces_and_setup_twice_adds_no_handler(azure_ap
     logging.getLogger("service.test").warning("disk almost full")
     second = create_app(azure_config(ingestion, tmp_path))
     second.test_client().post("/event", json={"event_name": "Ping"})
-    def ours(name):
-        return [h for h in logging.getLogger(name).handlers if isinstance(h, BaseLogHandler)]
+    def ours(logger):
+        return [h for h in logger.handlers if isinstance(h, BaseLogHandler)]
 
-    assert len(ours("telemetry.events")) == 1
-    assert len(ours("service")) == 1
-    assert ours("") == [], "nothing goes on the root logger"
+    first_sink, second_sink = azure_app.extensions["telemetry"].sink, second.extensions["telemetry"].sink
+    assert first_sink._events is second_sink._events, "the same settings share one event logger"
+    assert len(ours(first_sink._events)) == 1
+    assert len(ours(logging.getLogger("service"))) == 1
+    assert ours(logging.getLogger()) == [], "nothing goes on the root logger"
     _flush(azure_app)
     _flush(second)
     traces = ingestion.wait_for(lambda f: f.of_type("MessageData"))
