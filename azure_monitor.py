@@ -45,21 +45,13 @@ class _RealLockMixin:
 class _ReliableHandlerMixin(_RealLockMixin, ReliableExporterMixin):
     """Log handler side of reliable delivery: queue without dropping, export with write-ahead."""
 
-    def __init__(self, stats, retry_interval, overflow_capacity, **options):
-        self._init_delivery(stats, retry_interval, overflow_capacity)
-        super().__init__(**options)
-
     def emit(self, record):
         """Queue the record; never blocks, never drops."""
         self._enqueue(record)
 
     def _export(self, batch, event=None):
         """Deliver one batch taken from the queue by the SDK's worker."""
-        try:
-            self._deliver(self._to_envelopes(batch))
-        finally:
-            if event:
-                event.set()
+        self._deliver_batch(batch, event)
 
     def _to_envelopes(self, items):
         """Log records to envelopes."""
@@ -85,10 +77,6 @@ class LogHandler(_ReliableHandlerMixin, AzureLogHandler):
 class TraceExporter(ReliableExporterMixin, AzureExporter):
     """AzureExporter (requests and dependencies) with reliable delivery."""
 
-    def __init__(self, stats, retry_interval, overflow_capacity, **options):
-        self._init_delivery(stats, retry_interval, overflow_capacity)
-        super().__init__(**options)
-
     def export(self, items):
         """Queue finished spans; never blocks, never drops."""
         for item in items:
@@ -96,11 +84,7 @@ class TraceExporter(ReliableExporterMixin, AzureExporter):
 
     def emit(self, batch, event=None):
         """Deliver one batch taken from the queue by the SDK's worker."""
-        try:
-            self._deliver(self._to_envelopes(batch))
-        finally:
-            if event:
-                event.set()
+        self._deliver_batch(batch, event)
 
     def _to_envelopes(self, items):
         """Spans to envelopes."""
@@ -110,10 +94,6 @@ class TraceExporter(ReliableExporterMixin, AzureExporter):
 
 class MetricExporter(ReliableExporterMixin, MetricsExporter):
     """MetricsExporter with reliable delivery."""
-
-    def __init__(self, stats, retry_interval, overflow_capacity, **options):
-        self._init_delivery(stats, retry_interval, overflow_capacity)
-        super().__init__(**options)
 
     def export_metrics(self, metrics):
         """Deliver metrics in batches (called by the exporter thread every interval)."""

@@ -63,14 +63,15 @@ class ReliableExporterMixin:
     retry interval (or after Retry-After).
     """
 
-    def _init_delivery(self, stats, retry_interval, overflow_capacity):
-        """Set up the state this mixin needs; call right after the SDK constructor."""
+    def __init__(self, stats, retry_interval, overflow_capacity, **options):
+        """Set up delivery state before the SDK class builds itself (and starts its worker)."""
         self._stats = stats
         self._retry_interval = retry_interval
         self._overflow = collections.deque()
         self._overflow_capacity = overflow_capacity
         self._retry_at = 0.0
         self._send_lock = threading.Lock()
+        super().__init__(**options)
 
     # -- queueing ----------------------------------------------------------
     def _enqueue(self, item):
@@ -115,6 +116,14 @@ class ReliableExporterMixin:
     def _to_envelopes(self, items):
         """Convert queued items (log records or spans) to envelopes with processors applied."""
         raise NotImplementedError
+
+    def _deliver_batch(self, batch, event=None):
+        """The SDK worker's export hook: deliver one batch, then release a flush marker."""
+        try:
+            self._deliver(self._to_envelopes(batch))
+        finally:
+            if event:
+                event.set()
 
     def _deliver(self, envelopes):
         """Write-ahead store, then send unless the endpoint is backing off."""

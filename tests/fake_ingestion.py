@@ -15,6 +15,9 @@ class FakeIngestion:
     for items it rejects, None to accept), "throttle" (429 with Retry-After), "error" (500),
     "unavailable" (503), "hang" (sleeps `hang_seconds` before answering 200).
     `stop()` makes it refuse connections; `start()` brings it back on the same port.
+    With `hang_accepts=False` a hung request is never ingested (the client gave up on it), the
+    worst hanging endpoint. `log` holds one dict per attempt: start and end (monotonic), mode,
+    status, item count and the set of baseTypes in the batch.
     """
 
     def __init__(self, port=0):
@@ -22,6 +25,8 @@ class FakeIngestion:
         self.mode = "ok"
         self.retry_after = 1
         self.hang_seconds = 5.0
+        self.hang_accepts = True
+        self.log = []
         self.partial_errors = lambda index, envelope: None
         self.envelopes = []
         self.attempts = []
@@ -67,14 +72,27 @@ class FakeIngestion:
             return self._reply(req, 404, {"error": "unknown path"})
         items = json.loads(body)
         mode = self.mode
+        entry = {"start": time.monotonic(), "end": None, "mode": mode, "status": None, "n": len(items),
+                 "types": frozenset(i.get("data", {}).get("baseType") for i in items)}
         with self._cond:
             self.attempts.append((mode, len(items)))
+            self.log.append(entry)
+        entry["status"] = self._answer(req, mode, items)
+        entry["end"] = time.monotonic()
+
+    def _answer(self, req, mode, items):
+        """Reply to one batch as `mode` says; returns the status sent."""
+        received = {"itemsReceived": len(items), "itemsAccepted": 0, "errors": []}
         if mode == "hang":
             time.sleep(self.hang_seconds)
+            if not self.hang_accepts:
+                self._reply(req, 503, received)  # nobody is listening any more; nothing was ingested
+                return 503
             mode = "ok"
         if mode == "ok":
             self._accept(items)
-            return self._reply(req, 200, {"itemsReceived": len(items), "itemsAccepted": len(items), "errors": []})
+            self._reply(req, 200, dict(received, itemsAccepted=len(items)))
+            return 200
         if mode == "partial":
             errors, accepted = [], []
             for index, item in enumerate(items):
@@ -84,11 +102,12 @@ class FakeIngestion:
                 else:
                     accepted.append(item)
             self._accept(accepted)
-            return self._reply(req, 206, {"itemsReceived": len(items), "itemsAccepted": len(accepted),
-                                          "errors": errors})
+            self._reply(req, 206, dict(received, itemsAccepted=len(accepted), errors=errors))
+            return 206
         status = {"throttle": 429, "error": 500, "unavailable": 503}[mode]
         headers = {"Retry-After": str(self.retry_after)} if status == 429 else {}
-        return self._reply(req, status, {"itemsReceived": len(items), "itemsAccepted": 0, "errors": []}, headers)
+        self._reply(req, status, received, headers)
+        return status
 
     def _accept(self, items):
         """Keep accepted envelopes and wake waiters."""

@@ -47,62 +47,11 @@ MEASURED = {}
 # -- the fake endpoint -------------------------------------------------------------------------
 
 class Fake(FakeIngestion):
-    """FakeIngestion that times every attempt and, in hang mode, can ingest nothing.
-
-    `hang_accepts=False` (the default here) models the worst hanging endpoint: the request the
-    client gave up on is never ingested, so only a re-send can deliver its items. With True a hung
-    request is ingested after `hang_seconds` (the base fake's behaviour: a slow endpoint).
-    `log` holds one dict per attempt: start and end (monotonic), mode, status, and the set of
-    baseTypes in the batch (which tells the exporters apart).
-    """
+    """FakeIngestion whose hung requests are never ingested: only a re-send delivers them."""
 
     def __init__(self):
         super().__init__()
         self.hang_accepts = False
-        self.log = []
-
-    def _handle(self, req):
-        start = time.monotonic()
-        body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
-        if req.path != "/v2.1/track":
-            return self._reply(req, 404, {"error": "unknown path"})
-        items = json.loads(body)
-        mode = self.mode
-        entry = {"start": start, "end": None, "mode": mode, "status": None, "n": len(items),
-                 "types": frozenset(i.get("data", {}).get("baseType") for i in items)}
-        with self._cond:
-            self.attempts.append((mode, len(items)))
-            self.log.append(entry)
-        status = 200
-        if mode == "hang":
-            time.sleep(self.hang_seconds)
-            if self.hang_accepts:
-                self._accept(items)
-                status = 200
-            else:
-                status = 503  # nobody is listening any more; nothing was ingested
-            self._reply(req, status, {"itemsReceived": len(items), "itemsAccepted": 0, "errors": []})
-        elif mode == "ok":
-            self._accept(items)
-            self._reply(req, 200, {"itemsReceived": len(items), "itemsAccepted": len(items), "errors": []})
-        elif mode == "partial":
-            errors, accepted = [], []
-            for index, item in enumerate(items):
-                code = self.partial_errors(index, item)
-                if code:
-                    errors.append({"index": index, "statusCode": code, "message": f"rejected {code}"})
-                else:
-                    accepted.append(item)
-            self._accept(accepted)
-            status = 206
-            self._reply(req, 206, {"itemsReceived": len(items), "itemsAccepted": len(accepted),
-                                   "errors": errors})
-        else:
-            status = {"throttle": 429, "error": 500, "unavailable": 503}[mode]
-            headers = {"Retry-After": str(self.retry_after)} if status == 429 else {}
-            self._reply(req, status, {"itemsReceived": len(items), "itemsAccepted": 0, "errors": []}, headers)
-        entry["end"], entry["status"] = time.monotonic(), status
-        return None
 
     def count(self, ids):
         """How many of `ids` arrived (unique)."""
