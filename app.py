@@ -12,7 +12,7 @@ import system_health
 from api_spec import ApiError, ApiSpec, EventAccepted, Health, UsageQuery, UsageReport
 from config import ConfigError, load_settings
 from local_store import LocalStore
-from log_analytics import UsageQueryError
+from log_analytics import LogAnalyticsUsageSource, UsageQueryError
 from logging_utils import PublicEvent, record_event
 from monitoring_utils import UsageSourceUnavailable, get_usage_stats
 from telemetry import Telemetry
@@ -64,8 +64,6 @@ def _log_analytics_source(settings, credential=None):
     if credential is None:
         from azure.identity import DefaultAzureCredential
         credential = DefaultAzureCredential()
-
-    from log_analytics import LogAnalyticsUsageSource
     return LogAnalyticsUsageSource(
         settings.log_analytics_workspace_id, credential,
         cache_ttl=settings.usage_cache_ttl, timeout=settings.usage_query_timeout, top=settings.usage_top)
