@@ -18,6 +18,7 @@ from opencensus.trace.span_data import SpanData
 from opencensus.trace.status import Status
 
 import system_health
+import telemetry
 from delivery import Courier, DeliveryStats, ReliableExporterMixin
 
 # This module's own log lines go to the "azure_monitor" logger, which is never exported:
@@ -289,7 +290,7 @@ class AzureSink:
             attributes["http.status_code"] = rec.status
         else:
             attributes["error.name"] = rec.result_code
-        self._export_span(rec.name, rec.operation_id, os.urandom(8).hex(), rec.parent_id or None,
+        self._export_span(rec.name, rec.operation_id, telemetry.new_span_id(), rec.parent_id or None,
                           attributes, rec.timestamp, rec.duration_ms, SpanKind.CLIENT,
                           status_code=0 if rec.success else 2)
 

@@ -77,7 +77,9 @@ class Event(BaseModel):
     @classmethod
     def _details_fit(cls, value):
         """The whole item must fit Application Insights' 64 KB."""
-        if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_PROPERTIES_BYTES:
+        # A JSON character takes at most 6 bytes (\uXXXX); skip the exact count when even that fits.
+        bound = sum(6 * (len(k) + len(v if isinstance(v, str) else repr(v))) + 8 for k, v in value.items())
+        if bound > MAX_PROPERTIES_BYTES and len(json.dumps(value, ensure_ascii=False).encode()) > MAX_PROPERTIES_BYTES:
             raise ValueError(f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
         return value
 

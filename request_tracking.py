@@ -2,7 +2,6 @@
 import logging
 import threading
 import time
-import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -28,8 +27,8 @@ def _start_request():
     """Stamp the request with its start time and a fresh operation id."""
     g.request_started = time.perf_counter()
     g.request_timestamp = time.time()
-    g.operation_id = uuid.uuid4().hex
-    g.span_id = uuid.uuid4().hex[:16]
+    g.operation_id = telemetry.new_trace_id()
+    g.span_id = telemetry.new_span_id()
 
 
 def _finish_request(response):

@@ -1,5 +1,7 @@
 """Safe by default: dashboard token, event API keys, CORS allow-list, rate limits, redaction, headers."""
+import functools
 import hmac
+import re
 
 from flask import request
 from flask_cors import CORS
@@ -71,8 +73,13 @@ def require_event_api_key(settings):
 
 def redact(properties, redact_keys):
     """Replace the value of every property whose key contains a redaction word (case-insensitive)."""
-    out = {}
-    for key, value in properties.items():
-        lowered = key.lower()
-        out[key] = REDACTED if any(word in lowered for word in redact_keys) else value
-    return out
+    pattern = _redaction_pattern(redact_keys)
+    if pattern is None:
+        return properties
+    return {key: REDACTED if pattern.search(key.lower()) else value for key, value in properties.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _redaction_pattern(redact_keys):
+    """One compiled alternation of the (lower-case) redaction words, or None."""
+    return re.compile("|".join(re.escape(word) for word in redact_keys)) if redact_keys else None

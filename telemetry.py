@@ -2,6 +2,7 @@
 import atexit
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ class EventRecord:
     name: str
     properties: dict
     user_id: str = ""
-    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    event_id: str = field(default_factory=lambda: new_event_id())
     timestamp: float = field(default_factory=time.time)
     operation_id: str = ""
 
@@ -122,6 +123,26 @@ class Telemetry:
     def health(self):
         """The sink's own counters for /healthz."""
         return self.sink.health() if self._pid == os.getpid() else {"started": False}
+
+
+def new_event_id():
+    """A random (version 4) UUID string.
+
+    Drawn from the `random` module, which is seeded from the OS and reseeded in every forked
+    child: uuid.uuid4() calls os.urandom each time, which costs ~29 µs per call on this VM and
+    was the largest single cost of log_event. Event ids need uniqueness, not secrecy.
+    """
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+
+
+def new_trace_id():
+    """A 32-hex-digit operation (trace) id."""
+    return f"{random.getrandbits(128):032x}"
+
+
+def new_span_id():
+    """A 16-hex-digit span id."""
+    return f"{random.getrandbits(64):016x}"
 
 
 def current():
