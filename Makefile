@@ -29,3 +29,15 @@ test: install
 
 clean:
 	rm -rf .venv .venv-* tests/kql/node_modules .pytest_cache
+
+# `make bench`: every benchmark on 127.0.0.1 (gunicorn + wrk; wrk comes from Debian's packages and is
+# installed when missing), about 10 minutes; writes bench/RESULTS.md and bench/results.json.
+# `make bench BENCH_ARGS=--quick` is a one-minute smoke run of the harness (not reference figures).
+BENCH_ARGS ?=
+.PHONY: bench
+bench: $(VENV)/.installed $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
+	$(BIN)/python -m pip install -q -r bench/requirements.txt
+	touch $@

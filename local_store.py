@@ -1,6 +1,6 @@
 """Local mode: an embedded SQLite store, written in batches by one background writer per process.
 
-Layout (schema version 2)
+Layout (schema version 3)
 
 * Raw tables ``events``, ``requests`` and ``dependencies`` hold one row per item and stay the
   source of truth. Their only indexes are ordered by time (``ts``), so an insert touches the
@@ -14,7 +14,10 @@ Layout (schema version 2)
   dependency target), CRUD counts per day, distinct users per day, each user's (and each
   user-and-event-name pair's) latest active day, and per-day latency histograms.
 * The dashboard's window is whole UTC days up to now; for such a window every figure comes
-  from the rollups (tens of rows per day instead of every raw row). Any other window, or a
+  from the rollups (tens of rows per day instead of every raw row). "Now" is the moment the
+  query reads: rows another worker committed in the milliseconds between the caller computing
+  the window's end and the read are counted (the raw queries of version 1 left them out).
+  Any other window, a row dated more than a minute after the end (a clock gone wrong), or a
   store whose raw rows were updated or deleted behind the triggers' back, is answered from
   the raw tables exactly as before (slower) until ``rebuild_rollups()`` runs (it also runs at
   start-up when needed).
@@ -41,7 +44,7 @@ from telemetry import mark_internal_thread
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUCKETS_PER_OCTAVE = 16
 _BUCKET_MIN_EXP, _BUCKET_MAX_EXP = -10, 24  # 1/1024 ms .. 2^24 ms (4.7 hours); beyond: the end buckets
 _BOUNDS = [-1.0e308] + [2.0 ** (_BUCKET_MIN_EXP + i / BUCKETS_PER_OCTAVE)
@@ -72,6 +75,9 @@ CREATE TABLE IF NOT EXISTS ev_user_day (
 CREATE TABLE IF NOT EXISTS ev_day_users (day TEXT PRIMARY KEY, users INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ev_user_last (user_id TEXT PRIMARY KEY, last_day TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ev_user_last_day ON ev_user_last(last_day);
+CREATE TABLE IF NOT EXISTS ev_name_user_day (
+    name TEXT NOT NULL, day TEXT NOT NULL, user_id TEXT NOT NULL,
+    PRIMARY KEY (name, day, user_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ev_name_user_last (
     name TEXT NOT NULL, user_id TEXT NOT NULL, last_day TEXT NOT NULL,
     PRIMARY KEY (name, user_id)) WITHOUT ROWID;
@@ -102,6 +108,7 @@ CREATE TRIGGER IF NOT EXISTS events_rollup AFTER INSERT ON events BEGIN
 END;
 CREATE TRIGGER IF NOT EXISTS events_rollup_user AFTER INSERT ON events WHEN NEW.user_id <> '' BEGIN
   INSERT OR IGNORE INTO ev_user_day (day, user_id) VALUES (NEW.day, NEW.user_id);
+  INSERT OR IGNORE INTO ev_name_user_day (name, day, user_id) VALUES (NEW.name, NEW.day, NEW.user_id);
   INSERT INTO ev_user_last (user_id, last_day) VALUES (NEW.user_id, NEW.day)
     ON CONFLICT (user_id) DO UPDATE SET last_day = excluded.last_day
     WHERE excluded.last_day > ev_user_last.last_day;
@@ -154,12 +161,15 @@ _SEED = ("INSERT OR IGNORE INTO hist_bounds (lo, bucket) VALUES "
 # The whole schema, idempotent: executescript(_SCHEMA) on an empty file gives a complete store.
 _SCHEMA = _TABLES + _TRIGGERS + _SEED
 
-_ROLLUP_TABLES = ("ev_day", "ev_user_day", "ev_day_users", "ev_user_last", "ev_name_user_last", "crud_day",
+_ROLLUP_TABLES = ("ev_day", "ev_user_day", "ev_day_users", "ev_name_user_day", "ev_user_last", "ev_name_user_last",
+                  "crud_day",
                   "req_day", "req_hist", "req_hist_all", "dep_day")
 
 _REBUILD = """
 INSERT INTO ev_day (day, name, n, max_ts) SELECT day, name, COUNT(*), MAX(ts) FROM events GROUP BY day, name;
 INSERT INTO ev_user_day (day, user_id) SELECT DISTINCT day, user_id FROM events WHERE user_id <> '';
+INSERT INTO ev_name_user_day (name, day, user_id)
+  SELECT DISTINCT name, day, user_id FROM events WHERE user_id <> '';
 INSERT INTO ev_user_last (user_id, last_day)
   SELECT user_id, MAX(day) FROM events WHERE user_id <> '' GROUP BY user_id;
 INSERT INTO ev_name_user_last (name, user_id, last_day)
@@ -244,10 +254,28 @@ def _properties_json(props):
         return _encoder.encode(props)
 
 
-def connect(path):
-    """Open the store with WAL and a busy timeout."""
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+def connect(path, timeout=30.0):
+    """Open the store with WAL and a busy timeout.
+
+    Switching a new file to WAL needs it to itself, and SQLite answers "database is locked" at
+    once, without its busy handler, when another process (the other gunicorn worker starting at
+    the same moment) holds it: retry that for up to `timeout` seconds instead of failing the
+    worker's boot. A file already in WAL mode is not switched again.
+    """
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
 
@@ -274,9 +302,11 @@ def _has_v1_events(conn):
 def migrate(conn):
     """Bring the store at `conn` to the current schema; inside the caller's write transaction.
 
-    Version 1 files get the new `events` table (rows copied) and their rollups built from
-    the raw rows; a current store whose rollups were invalidated gets them rebuilt.
+    Version 1 files get the new `events` table (rows copied); files of an older version get
+    the current triggers; both, and a store whose rollups were invalidated, get every rollup
+    rebuilt from the raw rows.
     """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
     old_events = _has_v1_events(conn)
     if old_events:
         conn.execute("ALTER TABLE events RENAME TO events_v1")
@@ -287,9 +317,13 @@ def migrate(conn):
         conn.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM events_v1"
                      " ORDER BY ts ON CONFLICT DO NOTHING")
         conn.execute("DROP TABLE events_v1")
+    if version < SCHEMA_VERSION:  # triggers of an older version: replace them
+        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+            conn.execute(f'DROP TRIGGER IF EXISTS "{name}"')
     for statement in _statements(_TRIGGERS + _SEED):
         conn.execute(statement)
-    if conn.execute("SELECT 1 FROM store_meta WHERE key = 'rollups'").fetchone() is None:
+    if version < SCHEMA_VERSION or conn.execute(
+            "SELECT 1 FROM store_meta WHERE key = 'rollups'").fetchone() is None:
         _rebuild(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -514,29 +548,41 @@ def _row(section, **values):
     return row
 
 
+# Rows stamped after the window's end but already committed when the dashboard reads: the end
+# is "now" as computed a few milliseconds before the read, and the other worker's writer may
+# commit rows of those milliseconds in between. They count as "now". A row later than this
+# (a clock gone wrong) sends the query to the raw tables, which apply the end exactly.
+_NOW_GRACE_S = 60.0
+
+
 def _usage_rows(conn, t0, t1, top):
-    """The usage section rows: from the rollups when they cover the window exactly, else raw."""
-    if _rollups_cover(conn, t0, t1):
-        return _rollup_usage_rows(conn, _day(t0), _day(t1), top)
+    """The usage section rows: from the rollups when they cover the window, else from raw rows."""
+    users = _rollups_cover(conn, t0, t1)
+    if users:
+        return _rollup_usage_rows(conn, _day(t0), _day(t1), top, users)
     return _raw_usage_rows(conn, t0, t1, top)
 
 
 def _rollups_cover(conn, t0, t1):
-    """True when [t0, t1] is whole UTC days up to now as far as the data goes.
+    """How the rollups answer [t0, t1]: None (they cannot: use the raw rows), "last" or "days".
 
-    That is: t0 is a midnight, the rollups are complete, and no row is later than t1 (so the
-    last day's rollup holds exactly the rows up to t1, and "active since d0" means "in the
-    window").
+    They can when t0 is a midnight (UTC), the rollups are complete and no row of t1's day is
+    later than t1 (give or take _NOW_GRACE_S): the window is then whole days. Distinct users
+    come from each user's last active day ("last": cheap) unless some event is dated after
+    t1's day, then from the per-day user tables ("days").
     """
     if t1 < t0 or t0 % _DAY_SECONDS:
-        return False
+        return None
     d1 = _day(t1)
-    complete, *latest = conn.execute(
+    complete, later, *latest = conn.execute(
         "SELECT (SELECT value FROM store_meta WHERE key = 'rollups'),"
-        " (SELECT MAX(max_ts) FROM ev_day WHERE day >= ?1),"
-        " (SELECT MAX(max_ts) FROM req_day WHERE day >= ?1),"
-        " (SELECT MAX(max_ts) FROM dep_day WHERE day >= ?1)", (d1,)).fetchone()
-    return complete == "complete" and all(ts is None or ts <= t1 for ts in latest)
+        " (SELECT 1 FROM ev_day WHERE day > ?1 LIMIT 1),"
+        " (SELECT MAX(max_ts) FROM ev_day WHERE day = ?1),"
+        " (SELECT MAX(max_ts) FROM req_day WHERE day = ?1),"
+        " (SELECT MAX(max_ts) FROM dep_day WHERE day = ?1)", (d1,)).fetchone()
+    if complete != "complete" or any(ts is not None and ts > t1 + _NOW_GRACE_S for ts in latest):
+        return None
+    return "days" if later else "last"
 
 
 def _avg(total_ms, count):
@@ -567,8 +613,8 @@ def _percentiles(hist, ps):
     return out
 
 
-def _rollup_usage_rows(conn, d0, d1, top):
-    """The usage section rows for the whole days [d0, d1] from the rollups."""
+def _rollup_usage_rows(conn, d0, d1, top, users="last"):
+    """The usage section rows for the whole days [d0, d1] from the rollups (see _rollups_cover)."""
     days = (d0, d1)
     total, failed, sum_ms = conn.execute(
         "SELECT COALESCE(SUM(n), 0), COALESCE(SUM(failed), 0), SUM(sum_ms) FROM req_day"
@@ -613,8 +659,11 @@ def _rollup_usage_rows(conn, d0, d1, top):
         yield _row("active_daily", day=day, users=users_by_day.get(day, 0))
 
     def users_of(name):
-        return conn.execute("SELECT COUNT(*) FROM ev_name_user_last WHERE name = ? AND last_day >= ?",
-                            (name, d0)).fetchone()[0]
+        if users == "last":
+            return conn.execute("SELECT COUNT(*) FROM ev_name_user_last WHERE name = ? AND last_day >= ?",
+                                (name, d0)).fetchone()[0]
+        return conn.execute("SELECT COUNT(DISTINCT user_id) FROM ev_name_user_day WHERE name = ?"
+                            " AND day BETWEEN ? AND ?", (name,) + days).fetchone()[0]
 
     for name, count in conn.execute(
             "SELECT name, SUM(n) FROM ev_day WHERE day BETWEEN ? AND ? GROUP BY name"
@@ -623,8 +672,12 @@ def _rollup_usage_rows(conn, d0, d1, top):
     (count,) = conn.execute("SELECT COALESCE(SUM(n), 0) FROM ev_day WHERE name = 'UserLogin'"
                             " AND day BETWEEN ? AND ?", days).fetchone()
     yield _row("login_summary", count=count, users=users_of("UserLogin") if count else 0)
-    (users,) = conn.execute("SELECT COUNT(*) FROM ev_user_last WHERE last_day >= ?", (d0,)).fetchone()
-    yield _row("active_summary", users=users)
+    if users == "last":
+        (active,) = conn.execute("SELECT COUNT(*) FROM ev_user_last WHERE last_day >= ?", (d0,)).fetchone()
+    else:
+        (active,) = conn.execute("SELECT COUNT(DISTINCT user_id) FROM ev_user_day WHERE day BETWEEN ? AND ?",
+                                 days).fetchone()
+    yield _row("active_summary", users=active)
     for entity, action, count in conn.execute(
             "SELECT entity, action, SUM(n) FROM crud_day WHERE day BETWEEN ? AND ?"
             " GROUP BY entity, action", days):

@@ -1,0 +1,239 @@
+"""Local dashboard at scale: 1,000,000 events (plus requests and dependencies) over 30 days.
+
+Bulk-loads a fresh SQLite store through plain SQL INSERTs (the rollup triggers fire as they
+would for the writer), then times, for the 30-day window the dashboard uses:
+  * LocalStore.rows() -- cold: the first call in a fresh process; warm: median of repeated calls;
+  * GET /dashboard/usage through the Flask app (create_app, local mode) -- cold and warm;
+  * the raw-table queries (what version 1 ran on every call), for comparison;
+and checks that the rollups give the same rows as the raw tables (percentiles within the
+documented bucket accuracy). Prints one JSON document.
+
+    .venv/bin/python bench/dashboard_scale.py [--events 1000000] [--requests 1000000] [--db path]
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import local_store  # noqa: E402
+
+DAY = 86400
+CUSTOM = [f"Custom{i:02d}" for i in range(20)]
+ROUTES = ["POST /event", "GET /dashboard/usage", "GET /items/<int:id>", "POST /items", "PUT /items/<int:id>",
+          "DELETE /items/<int:id>", "GET /reports", "POST /reports/export", "GET /users/<id>", "POST /login",
+          "GET /search", "<unmatched>"]
+TARGETS = [("HTTP", "api.example.com"), ("HTTP", "auth.example.com:443"), ("HTTP", "storage.example.net"),
+           ("SQL", "db.internal:5432"), ("HTTP", "payments.example.org")]
+ACTIONS = ["create", "read", "update", "delete"]
+ENTITIES = ["invoice", "customer", "order", "product", "report", "user", "team", "project"]
+
+
+def _zipf_choice(rnd, items, s=1.1):
+    """A skewed choice: the first items are the most frequent."""
+    weights = [1.0 / (i + 1) ** s for i in range(len(items))]
+    return rnd.choices(items, weights=weights)[0]
+
+
+def load(path, events, requests, dependencies, users, seed=1):
+    """Fill a fresh store; returns load statistics."""
+    store = local_store.LocalStore(path)
+    store._create_schema()
+    conn = local_store.connect(path)
+    rnd = random.Random(seed)
+    now = time.time()
+    start = now - 30 * DAY
+    custom_w = [1.0 / (i + 1) ** 1.1 for i in range(len(CUSTOM))]
+    route_w = [1.0 / (i + 1) ** 0.9 for i in range(len(ROUTES))]
+    user_ids = [f"user-{i:05d}" for i in range(users)]
+    t0 = time.perf_counter()
+    batch = 20_000
+
+    def insert(kind, rows):
+        conn.execute("BEGIN IMMEDIATE")
+        local_store._insert_many(conn, kind, rows)
+        conn.execute("COMMIT")
+
+    # Rows are time-ordered, as the writer produces them.
+    for first in range(0, events, batch):
+        n = min(batch, events - first)
+        rows = []
+        for i in range(first, first + n):
+            ts = start + (i + rnd.random()) * (30 * DAY / events)
+            kind = rnd.random()
+            if kind < 0.70:
+                name, user, action, entity = rnd.choices(CUSTOM, custom_w)[0], "", None, None
+            elif kind < 0.80:
+                name, user, action, entity = "UserLogin", rnd.choice(user_ids), None, None
+            else:
+                name, user = "CrudActivity", rnd.choice(user_ids)
+                action, entity = rnd.choice(ACTIONS), _zipf_choice(rnd, ENTITIES)
+            event_id = str(uuid.UUID(int=rnd.getrandbits(128), version=4))
+            rows.append((event_id, ts, local_store._day(ts), name, user, action, entity, "",
+                         '{"format":"pdf","event_id":"%s"}' % event_id))
+        insert("event", rows)
+    t_events = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for first in range(0, requests, batch):
+        n = min(batch, requests - first)
+        rows = []
+        for i in range(first, first + n):
+            ts = start + (i + rnd.random()) * (30 * DAY / requests)
+            route = rnd.choices(ROUTES, route_w)[0]
+            duration = rnd.lognormvariate(math.log(3.0), 0.8) * (20 if rnd.random() < 0.01 else 1)
+            status = 500 if rnd.random() < 0.01 else (404 if route == "<unmatched>" else 200)
+            rows.append((ts, local_store._day(ts), route, status, int(status < 500), duration, "",
+                         uuid.UUID(int=rnd.getrandbits(128)).hex))
+        insert("request", rows)
+    t_requests = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    rows = []
+    for i in range(dependencies):
+        ts = start + (i + rnd.random()) * (30 * DAY / dependencies)
+        typ, target = _zipf_choice(rnd, TARGETS)
+        ok = rnd.random() > 0.02
+        rows.append((ts, local_store._day(ts), typ, target, "GET /v1/thing", "200" if ok else "503", int(ok),
+                     rnd.lognormvariate(math.log(20.0), 0.7), ""))
+        if len(rows) == batch:
+            insert("dependency", rows)
+            rows = []
+    if rows:
+        insert("dependency", rows)
+    t_deps = time.perf_counter() - t2
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    sizes = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+             for t in ("events", "requests", "dependencies") + local_store._ROLLUP_TABLES}
+    conn.close()
+    return {"load_seconds": {"events": round(t_events, 1), "requests": round(t_requests, 1),
+                             "dependencies": round(t_deps, 1)},
+            "rows_per_s_with_triggers": round((events + requests + dependencies) / (t_events + t_requests + t_deps)),
+            "table_rows": sizes, "db_mb": round(os.path.getsize(path) / 2 ** 20, 1)}
+
+
+_CHILD = r"""
+import json, os, sys, time, statistics
+sys.path.insert(0, {root!r})
+os.environ.pop("APPLICATIONINSIGHTS_CONNECTION_STRING", None)
+mode, path, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from monitoring_utils import usage_window
+import local_store
+start, end = usage_window(30)
+times = []
+if mode == "store":
+    store = local_store.LocalStore(path)
+    store._create_schema()  # as the app does at worker start, before any dashboard call
+    for _ in range(repeat):
+        t = time.perf_counter(); rows = store.rows(start, end); times.append(time.perf_counter() - t)
+elif mode == "raw":
+    for _ in range(repeat):
+        conn = local_store.connect(path)
+        t = time.perf_counter()
+        rows = list(local_store._raw_usage_rows(conn, start.timestamp(), end.timestamp(), 10))
+        times.append(time.perf_counter() - t)
+        conn.close()
+else:
+    from app import create_app
+    app = create_app({{"TELEMETRY_DB": path, "LOG_LEVEL": "WARNING", "RATE_LIMIT_ENABLED": "false",
+                      "LOCAL_FLUSH_INTERVAL": "0.2"}})
+    app.extensions["telemetry"].start()
+    client = app.test_client()
+    for _ in range(repeat):
+        t = time.perf_counter(); resp = client.get("/dashboard/usage?days=30"); times.append(time.perf_counter() - t)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+    app.extensions["telemetry"].close()
+print(json.dumps(times))
+"""
+
+
+def _timed(mode, path, repeat):
+    """Times (seconds) of `repeat` calls in a fresh process: the first is cold."""
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT), mode, path, str(repeat)],
+                         check=True, capture_output=True, text=True, timeout=900).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _ms(seconds):
+    return round(seconds * 1000, 1)
+
+
+def compare(path):
+    """Rollup rows against raw rows for the dashboard's 30-day window: counts exact, percentile error."""
+    from monitoring_utils import usage_window
+    start, end = usage_window(30)
+    conn = local_store.connect(path)
+    t0, t1 = start.timestamp(), end.timestamp()
+    mode = local_store._rollups_cover(conn, t0, t1)
+    assert mode, "the rollups should answer the dashboard's window"
+    d0, d1 = local_store._day(t0), local_store._day(t1)
+    fast = list(local_store._rollup_usage_rows(conn, d0, d1, 10, mode))
+    # the other way of counting distinct users must agree too
+    other = list(local_store._rollup_usage_rows(conn, d0, d1, 10, "days" if mode == "last" else "last"))
+    raw = list(local_store._raw_usage_rows(conn, t0, t1, 10))
+    conn.close()
+
+    def key(row):
+        return (row["section"], row["day"], str(row["name"]), row["type"], row["target"], str(row["action"]))
+
+    fast, other, raw = sorted(fast, key=key), sorted(other, key=key), sorted(raw, key=key)
+
+    def counts(rows):
+        return [(key(r), r["count"], r["failed"], r["users"]) for r in rows]
+
+    counts_equal = counts(fast) == counts(raw) == counts(other)
+    worst, exact, total = 0.0, 0, 0
+    for a, b in zip(fast, raw):
+        for f in ("p50_ms", "p95_ms", "p99_ms"):
+            if b[f] is not None:
+                total += 1
+                exact += a[f] == b[f]
+                worst = max(worst, abs(a[f] - b[f]) / b[f])
+        if b["avg_ms"] is not None:
+            assert math.isclose(a["avg_ms"], b["avg_ms"], rel_tol=1e-9)
+    return {"counts_equal": counts_equal, "percentiles_compared": total, "percentiles_exact": exact,
+            "percentile_worst_relative_error": round(worst, 5)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=1_000_000)
+    parser.add_argument("--dependencies", type=int, default=100_000)
+    parser.add_argument("--users", type=int, default=2_000)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--db", help="reuse (or create) this file instead of a temporary one")
+    parser.add_argument("--no-raw", action="store_true", help="skip timing the raw-table queries")
+    parser.add_argument("--raw-repeat", type=int, default=1, help="calls of the raw-table queries (12+ s each)")
+    args = parser.parse_args()
+    tmp = None
+    path = args.db
+    if path is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-dashboard-")
+        path = os.path.join(tmp.name, "scale.db")
+    result = {"events": args.events, "requests": args.requests, "dependencies": args.dependencies,
+              "users": args.users}
+    if not os.path.exists(path):
+        result["load"] = load(path, args.events, args.requests, args.dependencies, args.users)
+    for mode in ("store", "http") + (() if args.no_raw else ("raw",)):
+        repeat = args.raw_repeat if mode == "raw" else args.repeat
+        times = _timed(mode, path, repeat)
+        warm = times[1:] or [None]
+        result[mode] = {"cold_ms": _ms(times[0]), "warm_ms": _ms(statistics.median(warm)) if times[1:] else None,
+                        "warm_max_ms": _ms(max(warm)) if times[1:] else None, "calls": len(times)}
+    result["check"] = compare(path)
+    print(json.dumps(result))
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
