@@ -275,6 +275,7 @@ def _no_constants(name):
 
 
 _MAX_DEPTH = 32
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants)
 
 
 def _depth(data):
@@ -307,7 +308,7 @@ def parse_json_object():
     if data.count(b"[") + data.count(b"{") > _MAX_DEPTH and _depth(data) > _MAX_DEPTH:
         raise ApiError(400, "invalid_json", f"the body nests deeper than {_MAX_DEPTH} levels", field="body")
     try:
-        body = json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        body = _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except (ValueError, RecursionError) as exc:
         reason = str(exc) if isinstance(exc, ValueError) and "duplicate" in str(exc) else "the body is not valid JSON"
         raise ApiError(400, "invalid_json", reason, field="body") from None

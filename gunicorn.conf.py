@@ -8,6 +8,9 @@ threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 timeout = 30
 graceful_timeout = 30
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
+# One listening socket per worker: the kernel spreads new connections instead of the first
+# worker to wake taking a whole burst of keep-alive connections (measured in bench/NOTES.md).
+reuse_port = True
 
 
 def post_worker_init(worker):

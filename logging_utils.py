@@ -108,9 +108,16 @@ def _require_utf8(text):
         raise ValueError("must be valid Unicode (no lone surrogates)") from None
 
 
+_SPELLING = {True: "true", False: "false", None: "null"}
+
+
 def stringify(value):
     """Render one scalar as Application Insights expects: a string (JSON spelling for non-strings)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, bool):
+        return _SPELLING[value]
+    return int.__repr__(value) if isinstance(value, int) else json.dumps(value)
 
 
 def describe_error(exc):

@@ -35,8 +35,11 @@ def init_app(app, settings):
 
 
 def limit(app, value):
-    """The rate-limit decorator of this app's limiter (a no-op limit string when disabled)."""
-    return app.extensions["limiter"].limit(value)
+    """The rate-limit decorator of this app's limiter; nothing at all when limits are off."""
+    limiter = app.extensions["limiter"]
+    if not limiter.enabled:
+        return lambda view: view
+    return limiter.limit(value)
 
 
 def _security_headers(response):
