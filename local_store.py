@@ -30,6 +30,7 @@ value is exact when that bucket holds one distinct duration (or the rank is the 
 or last), else interpolated between the bucket's smallest and largest duration, so it is off
 by less than 4.4 % of the value at worst.
 """
+import contextlib
 import json
 import logging
 import math
@@ -336,6 +337,22 @@ def _rebuild(conn):
         conn.execute(statement)
 
 
+@contextlib.contextmanager
+def _write_transaction(path):
+    """A connection inside BEGIN IMMEDIATE: committed on success, rolled back on any error."""
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+
+
 class LocalStore:
     """The local sink: queues records in memory and writes them in batches on a writer thread."""
 
@@ -362,32 +379,14 @@ class LocalStore:
             if self._schema_ready:
                 return
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            conn = connect(self.path)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    migrate(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            finally:
-                conn.close()
+            with _write_transaction(self.path) as conn:
+                migrate(conn)
             self._schema_ready = True
 
     def rebuild_rollups(self):
         """Recompute the rollups from the raw tables (after raw rows were changed or deleted)."""
-        conn = connect(self.path)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                _rebuild(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        finally:
-            conn.close()
+        with _write_transaction(self.path) as conn:
+            _rebuild(conn)
 
     # -- sink protocol -------------------------------------------------
     def start(self):
