@@ -33,6 +33,12 @@ NEUTRAL_ENV = {
 }
 
 
+def reuse_port_in_config():
+    """True when gunicorn.conf.py sets reuse_port = True."""
+    with open(os.path.join(ROOT, "gunicorn.conf.py")) as fh:
+        return any(line.replace(" ", "").startswith("reuse_port=True") for line in fh)
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nobody listens on right now."""
     with socket.socket() as sock:
@@ -60,10 +66,11 @@ class Service:
     """The app under gunicorn with the production config (gunicorn.conf.py), on 127.0.0.1."""
 
     def __init__(self, env, log_path, app="bench.wsgi:app", reuse_port=None):
+        """reuse_port: None = gunicorn.conf.py as deployed; True/False force SO_REUSEPORT on/off."""
         self.port = free_port()
-        if reuse_port is None:
-            reuse_port = os.environ.get("BENCH_REUSE_PORT", "1") != "0"
-        self.reuse_port = reuse_port
+        if reuse_port is None and os.environ.get("BENCH_REUSE_PORT"):
+            reuse_port = os.environ["BENCH_REUSE_PORT"] != "0"
+        self.reuse_port = reuse_port  # None: gunicorn.conf.py exactly as deployed
         self.env = dict(os.environ)
         for var in ("APPLICATIONINSIGHTS_CONNECTION_STRING", "LOG_ANALYTICS_WORKSPACE_ID"):
             self.env.pop(var, None)
@@ -81,11 +88,15 @@ class Service:
     def start(self, timeout=60):
         """Start gunicorn and wait until every worker answers /healthz."""
         self._log = open(self.log_path, "ab")
-        # --reuse-port: each worker listens on its own SO_REUSEPORT socket and the kernel spreads new
+        # reuse_port: each worker listens on its own SO_REUSEPORT socket and the kernel spreads new
         # connections over them; without it the worker that wakes first accepts most of wrk's
-        # keep-alive connections (see RESULTS.md). Everything else is gunicorn.conf.py as deployed.
-        extra = ["--reuse-port"] if self.reuse_port else []
-        self.proc = subprocess.Popen([os.path.join(VENV_BIN, "gunicorn"), "-c", "gunicorn.conf.py"] + extra + [self.app],
+        # keep-alive connections (see RESULTS.md, section 1a). None: gunicorn.conf.py as deployed.
+        conf = ["-c", "gunicorn.conf.py"]
+        if self.reuse_port is True:
+            conf.append("--reuse-port")
+        elif self.reuse_port is False:
+            conf = ["-c", os.path.join("bench", "gunicorn_no_reuse_port.conf.py")]
+        self.proc = subprocess.Popen([os.path.join(VENV_BIN, "gunicorn")] + conf + [self.app],
                                      cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout

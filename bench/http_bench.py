@@ -22,9 +22,11 @@ import sys
 import tempfile
 import time
 
+import psutil
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (FakeIngestionProcess, Service, children_cpu, connection_string,  # noqa: E402
+from common import (FakeIngestionProcess, Service, children_cpu, connection_string, reuse_port_in_config,  # noqa: E402
                     connections_per_worker, cpu_of, dir_usage, ensure_wrk, finish_wrk, run_wrk, start_wrk,
                     wrk_version, VENV_BIN)
 from pyspy_top import summarise  # noqa: E402
@@ -53,6 +55,7 @@ def measure_once(wrk, svc, key, args, fake=None, profile=False, workdir=None, wa
     workers = svc.workers()
     cpu_workers = [cpu_of([w]) for w in workers]
     cpu_service, cpu_wrk = cpu_of(procs), children_cpu()
+    busy0 = _busy_seconds()
     cpu_fake = fake.cpu_seconds() if fake else 0.0
     spies = []
     if profile:
@@ -73,6 +76,10 @@ def measure_once(wrk, svc, key, args, fake=None, profile=False, workdir=None, wa
         "wrk": round((children_cpu() - cpu_wrk) / seconds, 2),
         "fake_ingestion": round(((fake.cpu_seconds() if fake else 0.0) - cpu_fake) / seconds, 2),
     }
+    share = result["cpu_share"]
+    # CPU used on the machine by anything else (another test run, ...): should be ~0
+    share["other"] = round(max(0.0, (_busy_seconds() - busy0) / seconds - share["service"] - share["wrk"]
+                               - share["fake_ingestion"]), 2)
     result["cpu_per_worker"] = [round((cpu_of([w]) - c) / seconds, 2) for w, c in zip(workers, cpu_workers)]
     result["title"] = spec["title"]
     if spies:
@@ -87,6 +94,12 @@ def measure_once(wrk, svc, key, args, fake=None, profile=False, workdir=None, wa
         result["profile"] = {"samples": total, "own": [[o, i, n] for o, i, n in by_own],
                              "total": [[i, n] for i, n in by_total], "mode": "py-spy --gil, both workers"}
     return result
+
+
+def _busy_seconds():
+    """CPU seconds the whole machine has spent busy (all cores)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
 
 
 def imbalance(result):
@@ -144,7 +157,8 @@ def run(args):
     results = {"wrk": wrk_version(wrk), "threads": args.threads, "connections": args.connections,
                "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
                "experiments": args.experiments, "max_share": args.max_share,
-               "reuse_port": os.environ.get("BENCH_REUSE_PORT", "1") != "0", "scenarios": {}}
+               "reuse_port": (os.environ.get("BENCH_REUSE_PORT") != "0") if os.environ.get("BENCH_REUSE_PORT")
+               else reuse_port_in_config(), "reuse_port_in_config": reuse_port_in_config(), "scenarios": {}}
     base_env = {"BENCH_EXPERIMENTS": args.experiments}
     work = tempfile.mkdtemp(prefix="bench-http-")
     db = os.path.join(work, "local.db")
@@ -229,7 +243,9 @@ def split_study(args, runs=6, seconds=3):
     without --reuse-port, and what the split does to throughput."""
     wrk = ensure_wrk()
     out = {}
-    for label, reuse in (("gunicorn.conf.py as deployed", False), ("with --reuse-port", True)):
+    deployed = "gunicorn.conf.py as deployed" + (" (reuse_port = True)" if reuse_port_in_config() else "")
+    for label, reuse in (("reuse_port off", False), (deployed, None) if reuse_port_in_config()
+                         else ("with --reuse-port", True)):
         work = tempfile.mkdtemp(prefix="bench-split-")
         svc = Service({"TELEMETRY_DB": os.path.join(work, "t.db")}, os.path.join(work, "gunicorn.log"),
                       reuse_port=reuse).start()
@@ -257,8 +273,8 @@ def main():
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="measured runs per scenario (median)")
     parser.add_argument("--no-reuse-port", action="store_true",
-                        help="gunicorn.conf.py exactly as deployed (no --reuse-port): wrk's connections then "
-                             "often land on one worker and runs are repeated until the split is even")
+                        help="force reuse_port off: wrk's connections then often land on one worker and "
+                             "runs are repeated until the split is even")
     parser.add_argument("--max-share", type=float, default=0.625,
                         help="largest share of wrk's connections one worker may hold in a counted run")
     parser.add_argument("--only", help="comma-separated scenario keys")

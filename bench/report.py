@@ -51,18 +51,21 @@ def http_section(http):
              f"{http.get('rounds')} measured rounds per scenario interleaved on the same service (median shown). "
              "**wrk, the service and (in Azure mode) the fake ingestion share the machine's cores**; the "
              "load-generator settings are identical in every scenario so the ratios compare like with like. "
-             "The column `cpu` gives the cores each party used during the measured run. "
+             "The column `cpu` gives the cores each party used during the measured run (`other`: anything "
+             "else on the machine; near 0 in a clean run). "
              "A keep-alive connection stays on the worker that accepted it and wrk opens all of them at once, "
-             "so with `gunicorn.conf.py` as deployed the worker that wakes first takes most of wrk's 16 "
-             "connections (16/0, 15/1 ... see 1a) and the throughput follows the split more than the code. "
-             + ("The service therefore runs with `gunicorn -c gunicorn.conf.py --reuse-port` (each worker "
-                "listens on its own SO_REUSEPORT socket and the kernel spreads the connections; the only "
-                "difference from the deployed configuration, and a recommended one). "
-                if http.get("reuse_port", True) else "The service runs with gunicorn.conf.py exactly as deployed. ")
+             "so without SO_REUSEPORT the worker that wakes first takes most of wrk's 16 connections "
+             "(16/0, 15/1 ... see 1a) and the throughput follows the split more than the code. "
+             + ("`gunicorn.conf.py` sets `reuse_port = True` (each worker listens on its own socket and the "
+                "kernel spreads the connections) and the service runs with it exactly as deployed. "
+                if http.get("reuse_port_in_config") else
+                ("The service runs with `gunicorn -c gunicorn.conf.py --reuse-port` (each worker listens on its "
+                 "own SO_REUSEPORT socket; the only difference from the deployed configuration). "
+                 if http.get("reuse_port", True) else "The service runs with reuse_port off. "))
              + f"A run counts only when no worker holds more than {int(round(100 * http.get('max_share', 0.625)))} % "
              "of the connections (10 of 16); other runs are measured again (`discarded`). `runs` lists each "
              "counted run as req/s [connections per worker].", "",
-             "| scenario | req/s | p50 ms | p99 ms | req/s ÷ (a) | p50 ÷ (a) | p99 ÷ (a) | non-2xx | cpu service / wrk / fake | runs: req/s [split] | discarded |",
+             "| scenario | req/s | p50 ms | p99 ms | req/s ÷ (a) | p50 ÷ (a) | p99 ÷ (a) | non-2xx | cpu service / wrk / fake / other | runs: req/s [split] | discarded |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for key in ORDER:
         r = sc.get(key)
@@ -73,18 +76,26 @@ def http_section(http):
         lines.append(
             f"| ({key}) {r['title']} | {_f(r['rps'], 0)} | {_f(r['p50_ms'], 2)} | {_f(r['p99_ms'], 2)} | "
             f"{ratio('rps')} | {ratio('p50_ms')} | {ratio('p99_ms')} | {r['non_2xx'] + r.get('socket_errors', 0)} | "
-            f"{cpu.get('service')} / {cpu.get('wrk')} / {cpu.get('fake_ingestion')} | "
+            f"{cpu.get('service')} / {cpu.get('wrk')} / {cpu.get('fake_ingestion')} / {cpu.get('other', '–')} | "
             f"{', '.join(str(x['rps']) + ' ' + str(x.get('connections_per_worker', '')) for x in r.get('runs', []))} | "
             f"{len(r.get('unbalanced_runs_discarded', []))} |")
     lines.append("")
     b, c, d = sc.get("b"), sc.get("c"), sc.get("d")
     if a and b and c and d:
+        def gap_rps(x):
+            need = 0.7 * a["rps"]
+            return "" if x["rps"] >= need else f" (gap: {need - x['rps']:,.0f} req/s, +{100 * (need / x['rps'] - 1):.0f} %)"
+
+        def gap_p99(x):
+            limit = 2 * a["p99_ms"]
+            return "" if x["p99_ms"] <= limit else f" (gap: {x['p99_ms'] - limit:.1f} ms over {limit:.1f} ms)"
+
         lines += ["Targets:", "",
                   "| target | figure | result |", "| --- | --- | --- |",
-                  f"| (b) ≥ 0.7 × (a) throughput | {b['rps'] / a['rps']:.2f} × | {_ok(b['rps'] >= 0.7 * a['rps'])} |",
-                  f"| (c) ≥ 0.7 × (a) throughput | {c['rps'] / a['rps']:.2f} × | {_ok(c['rps'] >= 0.7 * a['rps'])} |",
-                  f"| p99 of (b) ≤ 2 × p99 of (a) | {b['p99_ms'] / a['p99_ms']:.2f} × | {_ok(b['p99_ms'] <= 2 * a['p99_ms'])} |",
-                  f"| p99 of (c) ≤ 2 × p99 of (a) | {c['p99_ms'] / a['p99_ms']:.2f} × | {_ok(c['p99_ms'] <= 2 * a['p99_ms'])} |",
+                  f"| (b) ≥ 0.7 × (a) throughput | {b['rps'] / a['rps']:.2f} ×{gap_rps(b)} | {_ok(b['rps'] >= 0.7 * a['rps'])} |",
+                  f"| (c) ≥ 0.7 × (a) throughput | {c['rps'] / a['rps']:.2f} ×{gap_rps(c)} | {_ok(c['rps'] >= 0.7 * a['rps'])} |",
+                  f"| p99 of (b) ≤ 2 × p99 of (a) | {b['p99_ms'] / a['p99_ms']:.2f} ×{gap_p99(b)} | {_ok(b['p99_ms'] <= 2 * a['p99_ms'])} |",
+                  f"| p99 of (c) ≤ 2 × p99 of (a) | {c['p99_ms'] / a['p99_ms']:.2f} ×{gap_p99(c)} | {_ok(c['p99_ms'] <= 2 * a['p99_ms'])} |",
                   f"| (d) within 10 % of (c): a hanging endpoint costs requests nothing | (d) = {d['rps'] / c['rps']:.2f} × (c) throughput, "
                   f"p99 {d['p99_ms'] / c['p99_ms']:.2f} × | {_ok(d['rps'] >= 0.9 * c['rps'])} (not slower); "
                   f"{'within ±10 %' if abs(d['rps'] / c['rps'] - 1) <= 0.1 else 'faster than (c) by more than 10 %: see notes'} |",
@@ -169,7 +180,8 @@ def store_section(store):
              "| ---: | ---: | ---: | --- | ---: | ---: | --- |",
              f"| {store['events']:,} | {store['rows']:,} | {store['events_per_s']:,} | "
              f"{', '.join(f'{x:,}' for x in store['runs_events_per_s'])} | {store['calls_per_s']:,} | 50,000 | "
-             f"{_ok(store['events_per_s'] >= 50000)} |", ""]
+             f"{_ok(store['events_per_s'] >= 50000)} |", "",
+             f"Gap: {50000 - store['events_per_s']:,} events/s (× {50000 / store['events_per_s']:.1f})." if store['events_per_s'] < 50000 else "", ""]
     variants = [("store_only", "LocalStore alone: pre-built records through track_event and the writer (the store's own capacity)"),
                 ("recommended", "log_event with the recommended changes outside local_store.py (BENCH_EXPERIMENTS="
                                 + ",".join(store.get("recommended", {}).get("experiments", [])) + ")")]
@@ -268,6 +280,10 @@ def write_markdown(results, path):
              f"- date: `{m['date']}`", f"- machine: `{m['uname']}`",
              f"- cores (nproc): {m['nproc']}; CPU: {m['cpu']}; memory: {m['memory_gib']} GiB",
              f"- Python {m['python']}", f"- command: `{results['command']}`", ""]
+    if results.get("remeasured"):
+        rm = results["remeasured"]
+        lines += [f"Re-measured on `{rm['when']}` (same machine, same command, quiet): {', '.join(rm['parts'])} — "
+                  f"{rm['why']}.", ""]
     if results.get("quick"):
         lines += ["**`--quick` run: short durations and small data; not the reference figures.**", ""]
     summary = []
@@ -295,7 +311,9 @@ def write_markdown(results, path):
     if "rss_peak_mb" in o:
         growth = o["rss_end_of_outage_mb"] - (o["rss_baseline_mb"] or 0)
         summary.append(f"| memory bounded in a 60 s outage at 1,000/s | peak RSS {o['rss_peak_mb']} MB ({growth:+.1f} MB), "
-                       f"storage {o['storage_peak_mb']} MB | {_ok(growth < 0.25 * (o['rss_baseline_mb'] or 1))} |")
+                       f"backlog on disk {o['storage_peak_mb']} MB; {o['load']['achieved_rate']}/s of the "
+                       f"{o['rate']:,}/s offered accepted | {_ok(growth < 0.25 * (o['rss_baseline_mb'] or 1))} (memory); "
+                       f"{'rate ' + _ok(o['load']['achieved_rate'] >= 950)} |")
     if summary:
         lines += ["## Summary", "", "| target | measured | result |", "| --- | --- | --- |"] + summary + [""]
     if isinstance(http, dict) and "scenarios" in http:

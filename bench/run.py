@@ -76,11 +76,12 @@ def store(args):
     script = os.path.join(BENCH, "store_throughput.py")
     data = _json_of([script, "--events", events, "--repeat", "3"], 900)
     data["store_only"] = _json_of([script, "--events", events, "--repeat", "2", "--store-only"], 900)
-    os.environ["BENCH_EXPERIMENTS"] = RECOMMENDED
-    try:
-        data["recommended"] = _json_of([script, "--events", events, "--repeat", "2"], 900)
-    finally:
-        del os.environ["BENCH_EXPERIMENTS"]
+    if args.experiments:
+        os.environ["BENCH_EXPERIMENTS"] = RECOMMENDED
+        try:
+            data["recommended"] = _json_of([script, "--events", events, "--repeat", "2"], 900)
+        finally:
+            del os.environ["BENCH_EXPERIMENTS"]
     if data["events_per_s"] < 50_000:
         raw = os.path.join(BENCH, ".store-pyspy.txt")
         subprocess.run([os.path.join(VENV_BIN, "py-spy"), "record", "--format", "raw", "-o", raw, "--rate", "250",
@@ -96,7 +97,9 @@ def store(args):
 
 def micro(args):
     """µs per request inside the app (no gunicorn): bare vs /event, with each recommended change."""
-    proc = subprocess.run([PY, os.path.join(BENCH, "wsgi_micro.py"), "--blocks", "3", "--passes", "1" if args.quick else "2",
+    configs = ["", "all"] if args.experiments else [""]
+    proc = subprocess.run([PY, os.path.join(BENCH, "wsgi_micro.py"), "--configs"] + configs +
+                          ["--blocks", "3", "--passes", "1" if args.quick else "2",
                            "--per-block", "500" if args.quick else "1000"], cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
     return [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -127,6 +130,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="short runs: checks the harness, not the figures")
+    parser.add_argument("--experiments", action="store_true",
+                        help="also measure HTTP with bench/experiments.py's patches (recommendations not yet applied)")
     parser.add_argument("--skip", default="", help="comma-separated: http,split,http_experiments,micro,store,dashboard,outage,single_flight")
     parser.add_argument("--results", default=os.path.join(BENCH, "results.json"))
     parser.add_argument("--markdown", default=os.path.join(BENCH, "RESULTS.md"))
@@ -137,9 +142,12 @@ def main():
     results = {"machine": machine(), "command": "make bench  (" + " ".join([os.path.relpath(PY, ROOT)] + sys.argv) + ")",
                "quick": args.quick}
     skip = set(filter(None, args.skip.split(",")))
-    for name, func in (("http", http), ("split", split), ("http_experiments", http_experiments), ("micro", micro),
-                       ("store", store),
-                       ("dashboard", dashboard), ("outage", outage), ("single_flight", single_flight)):
+    parts = [("http", http), ("split", split)]
+    if args.experiments:
+        parts.append(("http_experiments", http_experiments))
+    parts += [("micro", micro), ("store", store), ("dashboard", dashboard), ("outage", outage),
+              ("single_flight", single_flight)]
+    for name, func in parts:
         if name in skip:
             continue
         print(f"== {name}", flush=True)
