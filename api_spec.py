@@ -179,7 +179,8 @@ class Health(BaseModel):
 _DESCRIPTIONS = {200: "OK", 202: "Accepted", 400: "Malformed request", 401: "Missing or wrong credential",
                  413: "Body too large", 415: "Content-Type is not application/json",
                  422: "A field breaks the rules (the error names it)", 429: "Rate limit exceeded",
-                 502: "Log Analytics failed", 503: "Log Analytics unavailable or not configured"}
+                 502: "Log Analytics failed",
+                 503: "Temporarily unavailable: telemetry cannot take it, or Log Analytics is unavailable or not configured"}
 
 
 class ApiSpec:

@@ -1,4 +1,9 @@
-"""Azure mode: OpenCensus exporters for custom events, traces, requests, dependencies and metrics."""
+"""Azure mode: OpenCensus exporters for custom events, traces, requests, dependencies and metrics.
+
+`logger` is the seed's trace logger: once an app with a UsageMonitor has started, its records
+become Application Insights traces (MessageData; ExceptionData for logger.exception) in Azure
+mode and rows of the local store's `traces` table in local mode.
+"""
 import itertools
 import logging
 import os
@@ -25,9 +30,10 @@ from delivery import Courier, DeliveryStats, ReliableExporterMixin
 # an exporter warning fed back into the exporter would loop.
 log = logging.getLogger("azure_monitor")
 
+# The public trace logger (TRACE_LOG_LEVEL, INFO by default): `from azure_monitor import logger`.
+logger = logging.getLogger(telemetry.TRACE_LOGGER)
+
 EVENT_LOGGER = "telemetry.events"
-# Warnings and errors of these loggers become Application Insights traces.
-SERVICE_LOGGERS = ("service", "app")
 _ZERO_TRACE = "0" * 32
 
 _lock = threading.Lock()
@@ -150,17 +156,11 @@ def _attach(settings, stats):
     """Create the handlers and put them on their loggers (never on the root logger)."""
     _setup_statsbeat(settings)
     event_handler = EventHandler(**_exporter_options(settings, stats, "events"))
-    log_handler = LogHandler(**_exporter_options(settings, stats, "traces"))
-    log_handler.setLevel(logging.WARNING)
+    log_handler = LogHandler(**_exporter_options(settings, stats, "traces"))  # fed by AzureSink.track_trace
     event_logger = logging.getLogger(f"{EVENT_LOGGER}.{next(_serial)}")
     event_logger.setLevel(logging.INFO)
     event_logger.propagate = False
     event_logger.addHandler(event_handler)
-    for name in SERVICE_LOGGERS:
-        logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET or logger.level > logging.WARNING:
-            logger.setLevel(logging.WARNING)
-        logger.addHandler(log_handler)
     return {"event_logger": event_logger, "event_handler": event_handler, "log_handler": log_handler,
             "users": 0}
 
@@ -174,8 +174,6 @@ def _setup_statsbeat(settings):
 def _detach(entry, timeout=None):
     """Remove an entry's handlers from their loggers and, in their own process, close them."""
     entry["event_logger"].removeHandler(entry["event_handler"])
-    for name in SERVICE_LOGGERS:
-        logging.getLogger(name).removeHandler(entry["log_handler"])
     for handler in (entry["event_handler"], entry["log_handler"]):
         handler.close(timeout)
 
@@ -185,8 +183,6 @@ def _forget_other_processes():
     for key in [k for k in _registry if k[0] != os.getpid()]:
         entry = _registry.pop(key)
         entry["event_logger"].removeHandler(entry["event_handler"])
-        for name in SERVICE_LOGGERS:
-            logging.getLogger(name).removeHandler(entry["log_handler"])
 
 
 def shutdown_logging(handler, timeout=None):
@@ -242,6 +238,11 @@ class AzureSink:
         self._courier = Courier(self._exporters(), self.settings.export_retry_interval)
         self._courier.start()
 
+    @property
+    def metrics_exporter(self):
+        """The response-time MetricsExporter (system_health.setup_metrics_exporter returns it)."""
+        return self._metrics
+
     def _exporters(self):
         """Every reliable exporter this sink feeds."""
         return [self._event_handler, self._log_handler, self._traces, self._metrics]
@@ -250,7 +251,7 @@ class AzureSink:
         """User id into its tag, our success rule (only 5xx fail), and the sampling rate for ItemCount."""
         base = envelope.data.baseData
         if envelope.data.baseType == "RequestData":
-            base.success = int(base.responseCode) < 500
+            base.success = not telemetry.is_failure(int(base.responseCode))
         props = base.properties
         user = props.pop("enduser.id", None) if props else None
         if user:
@@ -264,6 +265,10 @@ class AzureSink:
         self._events.info(rec.name, extra={
             "custom_dimensions": rec.properties, "auth_user_id": rec.user_id,
             "traceId": rec.operation_id or _ZERO_TRACE})
+
+    def track_trace(self, record):
+        """Queue one log record of the trace logger (MessageData, or ExceptionData with exc_info)."""
+        self._log_handler.emit(record)
 
     def _sampled(self, operation_id):
         """The sampling decision for one operation; its request and dependencies agree."""

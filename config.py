@@ -1,4 +1,4 @@
-"""Configuration: every setting comes from the environment (or `.env`), read in create_app()."""
+"""Configuration: each setting from the app's config, else the environment, else `.env`; validated once."""
 import os
 import re
 import uuid
@@ -52,7 +52,7 @@ class Settings:
     redact_keys: tuple = ("password", "passwd", "pwd", "secret", "token", "authorization", "cookie",
                           "session", "api_key", "apikey", "credential", "private_key")
     trusted_proxies: int = 0
-    bench_bare_endpoint: bool = False
+    trace_log_level: str = "INFO"
     # Parsed from the connection string; not read from the environment.
     instrumentation_key: str = field(default="", repr=False)
     ingestion_endpoint: str = field(default="", repr=False)
@@ -88,8 +88,8 @@ _BOUNDS = {
 _DERIVED = {"instrumentation_key", "ingestion_endpoint"}
 
 
-def load_settings(instance_path, overrides=None, environ=None):
-    """Build Settings from `.env`, the environment and test overrides, in rising priority."""
+def load_settings(instance_path, config=None, environ=None):
+    """Build Settings from `.env`, the environment and `config` (the app's config), in rising priority."""
     env = {k.upper(): v for k, v in dotenv_values(".env").items() if v is not None}
     env.update(os.environ if environ is None else environ)
     values = {}
@@ -97,8 +97,8 @@ def load_settings(instance_path, overrides=None, environ=None):
         if f.name in _DERIVED:
             continue
         raw = env.get(f.name.upper())
-        if overrides and f.name.upper() in overrides:
-            raw = overrides[f.name.upper()]
+        if config is not None and config.get(f.name.upper()) is not None:
+            raw = config[f.name.upper()]
         if raw is None:
             continue
         values[f.name] = _convert(f.name, f.type, raw)
@@ -110,9 +110,8 @@ def load_settings(instance_path, overrides=None, environ=None):
     if settings.applicationinsights_connection_string:
         ikey, endpoint = parse_connection_string(settings.applicationinsights_connection_string)
         settings = replace(settings, instrumentation_key=ikey, ingestion_endpoint=endpoint)
-    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {settings.log_level!r}")
-    settings = replace(settings, log_level=settings.log_level.upper())
+    settings = replace(settings, log_level=_require_level("LOG_LEVEL", settings.log_level),
+                       trace_log_level=_require_level("TRACE_LOG_LEVEL", settings.trace_log_level))
     settings = replace(settings, redact_keys=tuple(k.lower() for k in settings.redact_keys))
     for var in ("event_rate_limit", "dashboard_rate_limit"):
         _require_limit(var.upper(), getattr(settings, var))
@@ -153,6 +152,16 @@ def parse_bool(var, raw):
     if text in _FALSE:
         return False
     raise ConfigError(f"{var} must be true or false, got {raw!r}")
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _require_level(var, value):
+    """The logging level name, upper-cased, or ConfigError naming the variable."""
+    if value.upper() not in _LEVELS:
+        raise ConfigError(f"{var} must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
+    return value.upper()
 
 
 def _require_limit(var, value):

@@ -1,4 +1,5 @@
-"""gunicorn settings for production: `gunicorn -c gunicorn.conf.py app:app`."""
+"""gunicorn settings for production: `gunicorn -c gunicorn.conf.py app:app`, or any `module:app` with a UsageMonitor."""
+import logging
 import os
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
@@ -13,13 +14,25 @@ accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 reuse_port = True
 
 
+def _monitor(worker):
+    """The UsageMonitor of the worker's app, or None (with a warning) when the app has none."""
+    from telemetry import monitor_of
+    app = getattr(worker, "wsgi", None)
+    monitor = monitor_of(app) if hasattr(app, "extensions") else None
+    if monitor is None:
+        logging.getLogger("gunicorn.error").warning("%r has no UsageMonitor: telemetry starts on first use", app)
+    return monitor
+
+
 def post_worker_init(worker):
     """Start this worker's telemetry (exporters, threads) after fork, before its first request."""
-    worker.wsgi.extensions["telemetry"].start()
+    monitor = _monitor(worker)
+    if monitor is not None:
+        monitor.start()
 
 
 def worker_exit(server, worker):
     """On SIGTERM: send what is queued if ingestion answers, store the rest, within SHUTDOWN_GRACE."""
-    app = getattr(worker, "wsgi", None)
-    if app is not None:
-        app.extensions["telemetry"].close()
+    monitor = _monitor(worker)
+    if monitor is not None:
+        monitor.close()

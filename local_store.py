@@ -19,8 +19,7 @@ Layout (schema version 3)
   the window's end and the read are counted (the raw queries of version 1 left them out).
   Any other window, a row dated more than a minute after the end (a clock gone wrong), or a
   store whose raw rows were updated or deleted behind the triggers' back, is answered from
-  the raw tables exactly as before (slower) until ``rebuild_rollups()`` runs (it also runs at
-  start-up when needed).
+  the raw tables exactly as before (slower) until the next start-up rebuilds them.
 
 Latency percentiles from the rollups: per day (and per request name) a histogram over fixed
 log-scale buckets, 16 per doubling (each bucket's upper edge is 2^(1/16) = 1.044 times its
@@ -66,6 +65,11 @@ CREATE TABLE IF NOT EXISTS dependencies (
     target TEXT NOT NULL, name TEXT NOT NULL, result_code TEXT, success INTEGER NOT NULL,
     duration_ms REAL NOT NULL, operation_id TEXT);
 CREATE INDEX IF NOT EXISTS dependencies_ts ON dependencies(ts);
+CREATE TABLE IF NOT EXISTS traces (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, day TEXT NOT NULL, severity_level INTEGER NOT NULL,
+    level TEXT NOT NULL, logger TEXT NOT NULL, message TEXT NOT NULL, properties TEXT NOT NULL,
+    exception TEXT, operation_id TEXT);
+CREATE INDEX IF NOT EXISTS traces_ts ON traces(ts);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hist_bounds (lo REAL PRIMARY KEY, bucket INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ev_day (
@@ -147,7 +151,7 @@ CREATE TRIGGER IF NOT EXISTS dependencies_rollup AFTER INSERT ON dependencies BE
 END;
 """.format(bucket=_BUCKET_OF.format(x="NEW.duration_ms")) + "".join(
     # Rows changed or removed behind the insert triggers: the rollups no longer match, so the
-    # dashboard reads the raw tables until rebuild_rollups() (run at start-up when needed).
+    # dashboard reads the raw tables until the next start-up rebuilds them.
     f"CREATE TRIGGER IF NOT EXISTS {table}_{op.lower()}_stale AFTER {op} ON {table} BEGIN\n"
     f"  DELETE FROM store_meta WHERE key = 'rollups';\nEND;\n"
     for table in ("events", "requests", "dependencies") for op in ("UPDATE", "DELETE"))
@@ -197,6 +201,8 @@ _INSERT = {
              " ON CONFLICT (ts, event_id) DO NOTHING",
     "request": "INSERT INTO requests (ts, day, name, status, success, duration_ms, user_id,"
                " operation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    "trace": "INSERT INTO traces (ts, day, severity_level, level, logger, message, properties, exception,"
+             " operation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     "dependency": "INSERT INTO dependencies (ts, day, type, target, name, result_code, success,"
                   " duration_ms, operation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
 }
@@ -253,6 +259,27 @@ def _properties_json(props):
         return "{" + ",".join([_quote(k) + ":" + _quote(v) for k, v in props.items()]) + "}"
     except TypeError:  # a value that is not a string
         return _encoder.encode(props)
+
+
+_formatter = logging.Formatter()
+
+
+def _trace_row(record):
+    """The `traces` row of one LogRecord: Application Insights' severity, message, properties, exception."""
+    dims = getattr(record, "custom_dimensions", None)  # string properties (UsageMonitor.track_trace)
+    props = dims if isinstance(dims, dict) else {}
+    exception = _formatter.formatException(record.exc_info) if record.exc_info else None
+    return (record.created, _day(record.created), max(0, (record.levelno - 1) // 10), record.levelname,
+            record.name, _message(record), _properties_json(props), exception,
+            getattr(record, "operation_id", "") or None)
+
+
+def _message(record):
+    """The formatted message; the raw one when its arguments do not fit (a bad record is still stored)."""
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError):
+        return str(record.msg)
 
 
 def connect(path, timeout=30.0):
@@ -356,21 +383,17 @@ def _write_transaction(path):
 class LocalStore:
     """The local sink: queues records in memory and writes them in batches on a writer thread."""
 
-    def __init__(self, path, batch_size=500, flush_interval=0.2, top=10, cache_ttl=0.0):
+    def __init__(self, path, batch_size=500, flush_interval=0.2, top=10):
         self.path = path
         self.top = top
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        # Seconds a dashboard result is reused; 0 (the default) answers every call from SQLite.
-        self.cache_ttl = cache_ttl
         self._queue = None
         self._thread = None
         self.written = 0
         self.write_errors = 0
         self._schema_ready = False
         self._schema_lock = threading.Lock()
-        self._cache = {}
-        self._cache_lock = threading.Lock()
 
     # -- schema ----------------------------------------------------------
     def _create_schema(self):
@@ -382,11 +405,6 @@ class LocalStore:
             with _write_transaction(self.path) as conn:
                 migrate(conn)
             self._schema_ready = True
-
-    def rebuild_rollups(self):
-        """Recompute the rollups from the raw tables (after raw rows were changed or deleted)."""
-        with _write_transaction(self.path) as conn:
-            _rebuild(conn)
 
     # -- sink protocol -------------------------------------------------
     def start(self):
@@ -409,6 +427,10 @@ class LocalStore:
     def track_dependency(self, rec):
         """Queue one dependency."""
         self._queue.put(("dependency", rec))
+
+    def track_trace(self, record):
+        """Queue one log record of the trace logger (a `traces` row)."""
+        self._queue.put(("trace", record))
 
     def flush(self, timeout=10.0):
         """Wait until every row queued before this call is committed."""
@@ -437,7 +459,7 @@ class LocalStore:
         stopping = False
         while not stopping:
             item = get()
-            batch = {"event": [], "request": [], "dependency": []}
+            batch = {"event": [], "request": [], "dependency": [], "trace": []}
             waiters = []
             deadline = time.monotonic() + self.flush_interval
             count = 0
@@ -480,6 +502,8 @@ class LocalStore:
         if kind == "request":
             return [(rec.timestamp, _day(rec.timestamp), rec.name, rec.status, int(rec.success),
                      rec.duration_ms, rec.user_id or "", rec.operation_id) for rec in records]
+        if kind == "trace":
+            return [_trace_row(rec) for rec in records]
         return [(rec.timestamp, _day(rec.timestamp), rec.type, rec.target, rec.name, rec.result_code,
                  int(rec.success), rec.duration_ms, rec.operation_id) for rec in records]
 
@@ -513,13 +537,6 @@ class LocalStore:
         if not self._schema_ready:
             self._create_schema()
         t0, t1 = start.timestamp(), end.timestamp()
-        if self.cache_ttl > 0:
-            key = (t0, _day(t1))
-            now = time.monotonic()
-            with self._cache_lock:
-                hit = self._cache.get(key)
-                if hit is not None and now < hit[0]:
-                    return [dict(row) for row in hit[1]]
         conn = connect(self.path)
         try:
             conn.execute("BEGIN")  # one snapshot for every section
@@ -529,12 +546,6 @@ class LocalStore:
                 conn.execute("COMMIT")
         finally:
             conn.close()
-        if self.cache_ttl > 0:
-            with self._cache_lock:
-                now = time.monotonic()
-                self._cache = {k: v for k, v in self._cache.items() if now < v[0]}
-                self._cache[key] = (now + self.cache_ttl, result)
-            return [dict(row) for row in result]
         return result
 
 

@@ -9,6 +9,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from pydantic_core import PydanticCustomError
 
 import telemetry
+from telemetry import stringify
 from security import redact
 
 MAX_NAME = 512
@@ -108,18 +109,6 @@ def _require_utf8(text):
         raise ValueError("must be valid Unicode (no lone surrogates)") from None
 
 
-_SPELLING = {True: "true", False: "false", None: "null"}
-
-
-def stringify(value):
-    """Render one scalar as Application Insights expects: a string (JSON spelling for non-strings)."""
-    if isinstance(value, str):
-        return value
-    if value is None or isinstance(value, bool):
-        return _SPELLING[value]
-    return int.__repr__(value) if isinstance(value, int) else json.dumps(value)
-
-
 def describe_error(exc):
     """One line naming the first invalid field of a pydantic ValidationError."""
     err = exc.errors()[0]
@@ -128,18 +117,27 @@ def describe_error(exc):
     return loc, f"{loc}: {err['msg'].removeprefix('Value error, ')}"
 
 
-def record_event(name, properties, user_id=""):
-    """Send an already-validated event through the telemetry pipeline; returns its event_id."""
-    sink = telemetry.current()
-    props = {k: stringify(v) for k, v in redact(properties, sink.settings.redact_keys).items()}
+def record_event(name, properties, user_id="", strict=True):
+    """Send an already-validated event to the current app's UsageMonitor; returns its event_id.
+
+    When the sink cannot take it: strict raises TelemetryUnavailable (a route answers 503), else
+    None is returned (the monitor has counted and logged the failure).
+    """
+    monitor = telemetry.current_monitor()
+    props = {k: stringify(v) for k, v in redact(properties, monitor.settings.redact_keys).items()}
     rec = telemetry.EventRecord(name=name, properties=props, user_id=user_id or "",
                                 operation_id=telemetry.current_operation_id())
     rec.properties["event_id"] = rec.event_id
-    return sink.track_event(rec)
+    try:
+        return monitor.track_event(rec)
+    except telemetry.TelemetryUnavailable:
+        if strict:
+            raise
+        return None
 
 
 def log_event(event_name, details=None):
-    """Validate and record one custom event; returns its event_id, raises ValueError when invalid.
+    """Validate and record one custom event; returns its event_id (None if not recorded), ValueError if invalid.
 
     The audit names UserLogin and CrudActivity are refused: use usage_tracking for those.
     """
@@ -147,4 +145,4 @@ def log_event(event_name, details=None):
         event = PublicEvent(event_name=event_name, details={} if details is None else details)
     except ValidationError as exc:
         raise ValueError(describe_error(exc)[1]) from None
-    return record_event(event.event_name, event.details)
+    return record_event(event.event_name, event.details, strict=False)

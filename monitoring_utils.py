@@ -1,9 +1,8 @@
 """Usage statistics for the dashboard: one JSON shape, built from local or Log Analytics rows."""
 from datetime import datetime, timedelta, timezone
 
-from flask import current_app
-
-CRUD_ACTIONS = ("create", "read", "update", "delete")
+from telemetry import current_monitor
+from usage_tracking import CRUD_ACTIONS
 
 
 class UsageSourceUnavailable(Exception):
@@ -21,12 +20,11 @@ def get_usage_stats(days=30):
     """Usage statistics for the last `days` days from the current app's usage source."""
     if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 90:
         raise ValueError("days must be an integer between 1 and 90")
-    source = current_app.extensions["usage_source"]
-    if source is None:
+    monitor = current_monitor()
+    if monitor.source is None:
         raise UsageSourceUnavailable("LOG_ANALYTICS_WORKSPACE_ID is not set")
     start, end = usage_window(days)
-    rows = source.rows(start, end)
-    return build_usage(rows, start, end, days, current_app.extensions["usage_source_name"])
+    return build_usage(monitor.source.rows(start, end), start, end, days, monitor.source_name)
 
 
 def _iso(dt):

@@ -21,29 +21,32 @@ class Unauthorized(Exception):
 
 
 def init_app(app, settings):
-    """Install proxy handling, CORS, rate limits and response headers for this app."""
+    """Install proxy handling, CORS and the rate limiter; returns (limiter, {name: rate-limit check})."""
     if settings.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     if settings.cors_origins:
         CORS(app, resources={r"/event": {"origins": list(settings.cors_origins)},
                              r"/dashboard/*": {"origins": list(settings.cors_origins)}},
              allow_headers=["Content-Type", "Authorization", "X-Api-Key"], max_age=600)
-    app.extensions["limiter"] = Limiter(
-        get_remote_address, app=app, storage_uri=settings.rate_limit_storage_uri,
-        enabled=settings.rate_limit_enabled, headers_enabled=True, default_limits=[])
-    app.after_request(_security_headers)
+    limiter = Limiter(get_remote_address, app=app, storage_uri=settings.rate_limit_storage_uri,
+                      enabled=settings.rate_limit_enabled, headers_enabled=True, default_limits=[])
+    checks = {}
+    if limiter.enabled:  # off: no check at all on the request path
+        checks = {"event": limiter.limit(settings.event_rate_limit)(_event_limit),
+                  "dashboard": limiter.limit(settings.dashboard_rate_limit)(_dashboard_limit)}
+    return limiter, checks
 
 
-def limit(app, value):
-    """The rate-limit decorator of this app's limiter; nothing at all when limits are off."""
-    limiter = app.extensions["limiter"]
-    if not limiter.enabled:
-        return lambda view: view
-    return limiter.limit(value)
+def _event_limit():
+    """The callable EVENT_RATE_LIMIT is declared on; calling its limiter wrapper checks the request."""
 
 
-def _security_headers(response):
-    """Headers every response carries."""
+def _dashboard_limit():
+    """The callable DASHBOARD_RATE_LIMIT is declared on."""
+
+
+def security_headers(response):
+    """Headers every response of ours carries."""
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers.setdefault("Cache-Control", "no-store")
     return response

@@ -6,6 +6,8 @@ from opencensus.metrics import label_key, label_value
 from opencensus.metrics.export import metric, metric_descriptor, point, time_series, value
 from opencensus.metrics.export.metric_producer import MetricProducer
 
+from telemetry import current_monitor, monitor_of
+
 _LABELS = [label_key.LabelKey("route", "route template"), label_key.LabelKey("method", "HTTP method"),
            label_key.LabelKey("status", "response status code")]
 _GAUGE_DOUBLE = metric_descriptor.MetricDescriptorType.GAUGE_DOUBLE
@@ -66,12 +68,23 @@ def start_metrics_thread(exporter, producer, interval):
     return exporter.exporter_thread
 
 
-def health_report(app):
+def setup_metrics_exporter(app=None):
+    """Start the response-time metrics exporter of `app` (default: the current app) once per process; return it.
+
+    Azure mode: the OpenCensus MetricsExporter that sends request_duration_ms and request_count
+    every METRICS_EXPORT_INTERVAL. Local mode: None (each request's duration is stored with it).
+    """
+    monitor = current_monitor() if app is None else monitor_of(app)
+    if monitor is None:
+        raise RuntimeError(f"the Flask app {app.name!r} has no UsageMonitor: add `UsageMonitor(app)` first")
+    return monitor.metrics_exporter()
+
+
+def health_report(monitor):
     """The /healthz document: mode, sink counters, and no secrets."""
-    settings = app.extensions["settings"]
     return {
         "status": "ok",
-        "mode": settings.mode,
-        "usage_source": app.extensions["usage_source_name"],
-        "telemetry": app.extensions["telemetry"].health(),
+        "mode": monitor.settings.mode,
+        "usage_source": monitor.source_name,
+        "telemetry": monitor.health(),
     }

@@ -1,11 +1,11 @@
 """The one code path: telemetry records and the dispatcher that hands them to the mode's sink."""
-import atexit
+import json
 import logging
-import os
 import random
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 from flask import current_app, has_app_context
@@ -48,8 +48,8 @@ class RequestRecord:
 
     @property
     def success(self):
-        """A request succeeds unless it answered 5xx (4xx is the caller's fault)."""
-        return self.status < 500
+        """A request succeeds unless it answered 5xx (the one failure rule: is_failure)."""
+        return not is_failure(self.status)
 
 
 @dataclass
@@ -70,59 +70,20 @@ class DependencyRecord:
     status: int = 0
 
 
-class Telemetry:
-    """Routes every record to one sink; the sink starts lazily, once per process."""
+_SPELLING = {True: "true", False: "false", None: "null"}
 
-    def __init__(self, settings, sink):
-        self.settings = settings
-        self.sink = sink
-        self._pid = None
-        self._lock = threading.Lock()
 
-    def _started_sink(self):
-        """Return the sink, starting it in this process first if needed (after fork, too)."""
-        if self._pid != os.getpid():
-            with self._lock:
-                if self._pid != os.getpid():
-                    self.sink.start()
-                    self._pid = os.getpid()
-                    atexit.register(self.close)
-        return self.sink
-
-    def start(self):
-        """Start the sink in this process now rather than on first use (gunicorn's post_worker_init)."""
-        self._started_sink()
-
-    def track_event(self, record):
-        """Queue one custom event; never blocks on I/O."""
-        self._started_sink().track_event(record)
-        return record.event_id
-
-    def track_request(self, record):
-        """Queue one request record."""
-        self._started_sink().track_request(record)
-
-    def track_dependency(self, record):
-        """Queue one dependency record."""
-        self._started_sink().track_dependency(record)
-
-    def flush(self, timeout=10.0):
-        """Block until everything queued so far is written or sent; for tests and shutdown."""
-        if self._pid == os.getpid():
-            return self.sink.flush(timeout)
-        return True
-
-    def close(self, timeout=None):
-        """Flush and stop the sink's background work in this process (the sink's own grace by default)."""
-        with self._lock:
-            if self._pid != os.getpid():
-                return
-            self._pid = None
-        self.sink.close(timeout)
-
-    def health(self):
-        """The sink's own counters for /healthz."""
-        return self.sink.health() if self._pid == os.getpid() else {"started": False}
+def stringify(value):
+    """Render one scalar as Application Insights expects: a string (JSON spelling for non-strings)."""
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, bool):
+        return _SPELLING[value]
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return json.dumps(value)
+    return str(value)
 
 
 def new_event_id():
@@ -145,11 +106,35 @@ def new_span_id():
     return f"{random.getrandbits(64):016x}"
 
 
-def current():
-    """The Telemetry of the current Flask app; raises RuntimeError outside an app context."""
+EXTENSION_NAME = "usage_monitor"
+
+
+class TelemetryUnavailable(Exception):
+    """The sink could not take a record (it failed to start or to queue); the caller may retry later."""
+
+
+def is_failure(status):
+    """The one failure rule: a request fails when it answered 5xx (4xx is the caller's fault)."""
+    return status >= 500
+
+
+def monitor_of(app):
+    """The UsageMonitor of `app`, or None when the app has none."""
+    return app.extensions.get(EXTENSION_NAME)
+
+
+def current_monitor():
+    """The UsageMonitor of the current Flask app; RuntimeError saying what to do when there is none."""
     if not has_app_context():
-        raise RuntimeError("telemetry needs a Flask application context (call it inside a request)")
-    return current_app.extensions["telemetry"]
+        raise RuntimeError(
+            "usage tracking needs a Flask application context: call it while a request is being "
+            "handled, or inside `with app.app_context():`")
+    monitor = monitor_of(current_app)
+    if monitor is None:
+        raise RuntimeError(
+            f"the Flask app {current_app.name!r} has no UsageMonitor: add `UsageMonitor(app)` "
+            "(from app import UsageMonitor) where the app is created")
+    return monitor
 
 
 def is_internal_thread():
@@ -172,3 +157,69 @@ def current_operation_id():
     """The operation (trace) id of the request being served, or '' outside a request."""
     from flask import g, has_request_context
     return getattr(g, "operation_id", "") if has_request_context() else ""
+
+
+TRACE_LOGGER = "usage_monitor"
+_last_started = None  # weakref to the UsageMonitor that started last in this process
+
+
+def set_last_started(monitor):
+    """Remember the monitor that started last: traces logged outside any app context go to it."""
+    global _last_started
+    _last_started = weakref.ref(monitor)
+
+
+def forget_started(monitor):
+    """A closed monitor no longer takes the traces logged outside any app context."""
+    global _last_started
+    if _last_started is not None and _last_started() is monitor:
+        _last_started = None
+
+
+def _trace_monitor():
+    """The monitor a trace belongs to: the current app's, else (no app context) the last started one."""
+    if has_app_context():
+        return monitor_of(current_app)
+    return _last_started() if _last_started is not None else None
+
+
+class TraceForwarder(logging.Handler):
+    """Hands each record of azure_monitor.logger to its app's UsageMonitor (traces in either mode).
+
+    Records logged while a record is being forwarded, and by telemetry's own threads, are
+    skipped, so a sink's own log lines can never feed back into it.
+    """
+
+    def emit(self, record):
+        """Forward one record; never raises into the caller."""
+        if getattr(_local, "forwarding", False) or is_internal_thread():
+            return
+        _local.forwarding = True
+        try:
+            monitor = _trace_monitor()
+            if monitor is not None:
+                operation_id = current_operation_id()
+                if operation_id:
+                    record.traceId, record.spanId = operation_id, _current_span_id()
+                record.operation_id = operation_id
+                monitor.track_trace(record)
+        finally:
+            _local.forwarding = False
+
+
+_forwarder = TraceForwarder()
+
+
+def install_trace_forwarder(level):
+    """Attach the forwarder to the trace logger (once per process) and set the logger's level."""
+    logger = logging.getLogger(TRACE_LOGGER)
+    logger.setLevel(level)
+    if _forwarder not in logger.handlers:
+        logger.addHandler(_forwarder)
+    return logger
+
+
+def _current_span_id():
+    """The span id of the request being served, or ''."""
+    from flask import g, has_request_context
+    return getattr(g, "span_id", "") if has_request_context() else ""

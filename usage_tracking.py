@@ -15,18 +15,27 @@ def _require_text(name, value, limit):
     return value
 
 
+def _user_id(value):
+    """A user id as text: a non-empty string, or an int as its decimal string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError("user_id must be a non-empty string or an integer")
+    return _require_text("user_id", value, MAX_USER_ID)
+
+
 def log_user_login(user_id):
-    """Record a UserLogin event for an authenticated user; returns its event_id."""
-    user_id = _require_text("user_id", user_id, MAX_USER_ID)
-    return record_event("UserLogin", {"user_id": user_id}, user_id=user_id)
+    """Record a UserLogin event for an authenticated user; returns its event_id (None if not recorded)."""
+    user_id = _user_id(user_id)
+    return record_event("UserLogin", {"user_id": user_id}, user_id=user_id, strict=False)
 
 
 def log_crud_activity(action, user_id, entity):
-    """Record a CrudActivity event (create, read, update or delete on an entity); returns its event_id."""
+    """Record a CrudActivity event (create, read, update or delete, any case); returns its event_id."""
     if not isinstance(action, str) or action.strip().lower() not in CRUD_ACTIONS:
         raise ValueError(f"action must be one of {', '.join(CRUD_ACTIONS)}")
-    user_id = _require_text("user_id", user_id, MAX_USER_ID)
+    user_id = _user_id(user_id)
     entity = _require_text("entity", entity, min(MAX_KEY, MAX_VALUE))
     return record_event("CrudActivity",
                         {"action": action.strip().lower(), "entity": entity, "user_id": user_id},
-                        user_id=user_id)
+                        user_id=user_id, strict=False)

@@ -9,6 +9,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from app import create_app  # noqa: E402
+from telemetry import monitor_of
 
 # No test may reach Microsoft's statsbeat endpoint or pick up a developer's settings.
 os.environ["APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL"] = "true"
@@ -27,7 +28,7 @@ def app(tmp_path):
     application = create_app({"TESTING": True, "TELEMETRY_DB": str(tmp_path / "telemetry.db"),
                               "LOCAL_FLUSH_INTERVAL": "0.01"})
     yield application
-    application.extensions["telemetry"].close()
+    monitor_of(application).close()
 
 
 @pytest.fixture

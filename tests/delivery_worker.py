@@ -5,9 +5,9 @@ Usage: python tests/delivery_worker.py '<json spec>'   (cwd: the project root)
 spec keys:
   config   dict passed to create_app (TESTING is added)
   post     number of events to POST /event through the test client (default 0)
-  flush    call telemetry.flush() after posting (default false)
-  start    call telemetry.start() without any traffic (process B of a restart)
-  then     "exit": return, so atexit runs Telemetry.close; "sigkill": SIGKILL itself;
+  flush    call the monitor's flush() after posting (default false)
+  start    call the monitor's start() without any traffic (process B of a restart)
+  then     "exit": return, so atexit runs UsageMonitor.close; "sigkill": SIGKILL itself;
            "wait": print {"ready": true}, then return (atexit again) when stdin closes or says "exit"
 
 Prints JSON lines on stdout: {"posted": [event ids], "pid": ..., "flushed": ...}, then {"ready": ...}.
@@ -74,9 +74,10 @@ def _emit(**payload):
 def main(spec):
     _guard_network()
     from app import create_app
+    from telemetry import monitor_of
 
     app = create_app(dict(spec.get("config", {}), TESTING=True))
-    telemetry = app.extensions["telemetry"]
+    telemetry = monitor_of(app)
     ids = []
     if spec.get("start"):
         telemetry.start()

@@ -8,9 +8,11 @@ import requests
 
 from opencensus.ext.azure.log_exporter import BaseLogHandler
 
+import azure_monitor
 from app import create_app
 from fake_ingestion import IKEY, FakeIngestion
 from usage_tracking import log_crud_activity, log_user_login
+from telemetry import TraceForwarder, monitor_of
 
 
 @pytest.fixture
@@ -33,7 +35,7 @@ def azure_app(ingestion, tmp_path):
     """An Azure-mode app whose exporters send to the fake endpoint."""
     application = create_app(azure_config(ingestion, tmp_path))
     yield application
-    application.extensions["telemetry"].close()
+    monitor_of(application).close()
 
 
 @pytest.fixture
@@ -57,7 +59,7 @@ def backend():
 
 
 def _flush(app):
-    assert app.extensions["telemetry"].flush(10)
+    assert monitor_of(app).flush(10)
 
 
 def test_posted_event_arrives_as_custom_event_with_string_properties(azure_app, ingestion):
@@ -161,18 +163,19 @@ def test_response_times_arrive_as_custom_metrics(azure_app, ingestion):
     assert len(ingestion.of_type("MetricData")) == before
 
 
-def test_service_warnings_become_traces_and_setup_twice_adds_no_handler(azure_app, ingestion, tmp_path):
+def test_logger_warnings_become_traces_and_setup_twice_adds_no_handler(azure_app, ingestion, tmp_path):
     azure_app.test_client().post("/event", json={"event_name": "Ping"})  # starts the sink
-    logging.getLogger("service.test").warning("disk almost full")
+    azure_monitor.logger.warning("disk almost full")  # outside any app context: the last started app
     second = create_app(azure_config(ingestion, tmp_path))
     second.test_client().post("/event", json={"event_name": "Ping"})
     def ours(logger):
         return [h for h in logger.handlers if isinstance(h, BaseLogHandler)]
 
-    first_sink, second_sink = azure_app.extensions["telemetry"].sink, second.extensions["telemetry"].sink
+    first_sink, second_sink = monitor_of(azure_app).sink, monitor_of(second).sink
     assert first_sink._events is second_sink._events, "the same settings share one event logger"
     assert len(ours(first_sink._events)) == 1
-    assert len(ours(logging.getLogger("service"))) == 1
+    forwarders = [h for h in azure_monitor.logger.handlers if isinstance(h, TraceForwarder)]
+    assert len(forwarders) == 1, "two apps, one forwarder on the trace logger"
     assert ours(logging.getLogger()) == [], "nothing goes on the root logger"
     _flush(azure_app)
     _flush(second)
@@ -181,4 +184,4 @@ def test_service_warnings_become_traces_and_setup_twice_adds_no_handler(azure_ap
     assert "disk almost full" in messages
     assert messages.count("disk almost full") == 1, "one handler, one trace"
     assert all(t["data"]["baseData"]["severityLevel"] >= 2 for t in traces), "warnings and errors only"
-    second.extensions["telemetry"].close()
+    monitor_of(second).close()

@@ -8,6 +8,7 @@ import pytest
 
 import config
 from app import create_app
+from telemetry import monitor_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUID = "8f3c2a1e-5b7d-4c9e-a0f1-23456789abcd"
@@ -52,7 +53,7 @@ def test_valid_connection_string_selects_azure_mode_without_leaking(tmp_path):
     value = f"InstrumentationKey={GUID.upper()};IngestionEndpoint=https://127.0.0.1:9/"
     application = _create(tmp_path, **{CONN: value})
     try:
-        settings = application.extensions["settings"]
+        settings = monitor_of(application).settings
         assert settings.mode == "azure"
         assert settings.instrumentation_key == GUID
         assert settings.ingestion_endpoint == "https://127.0.0.1:9"
@@ -63,7 +64,7 @@ def test_valid_connection_string_selects_azure_mode_without_leaking(tmp_path):
         assert response.get_json()["mode"] == "azure"
         assert GUID not in body.lower() and "InstrumentationKey" not in body and "127.0.0.1:9" not in body
     finally:
-        application.extensions["telemetry"].close()
+        monitor_of(application).close()
 
 
 @pytest.mark.parametrize("value", ["2", "abc", "-0.1", "1.01", "nan", "inf"])
@@ -76,7 +77,7 @@ def test_bad_trace_sampling_rate_names_the_variable(tmp_path, value):
 @pytest.mark.parametrize("value, expected", [("0", 0.0), ("1", 1.0), (" 0.25 ", 0.25)])
 def test_trace_sampling_rate_bounds_are_inclusive(tmp_path, value, expected):
     application = _create(tmp_path, TRACE_SAMPLING_RATE=value)
-    assert application.extensions["settings"].trace_sampling_rate == expected
+    assert monitor_of(application).settings.trace_sampling_rate == expected
 
 
 @pytest.mark.parametrize("var, value", [
@@ -134,7 +135,7 @@ def test_import_starts_no_threads():
 
 def test_module_app_is_built_once_in_local_mode(tmp_path):
     code = ("import app, threading; a = app.app; b = app.app; "
-            "print(a is b, a.extensions['settings'].mode, threading.active_count())")
+            "print(a is b, a.extensions['usage_monitor'].settings.mode, threading.active_count())")
     result = _run_python(code, {"TELEMETRY_DB": str(tmp_path / "t.db")})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "local", "1"]
@@ -171,12 +172,12 @@ def test_healthz_in_local_mode(app, client):
         lowered = text.lower()
         assert "connection" not in lowered and "instrumentation" not in lowered and "ingestion" not in lowered
     # /healthz is not itself recorded, and it starts nothing.
-    assert body["telemetry"] == {"started": False}
+    assert body["telemetry"] == {"started": False, "record_failures": {}}
 
 
 def test_healthz_reports_the_store_once_started(app, client):
     assert client.post("/event", json={"event_name": "x"}).status_code == 202
-    assert app.extensions["telemetry"].flush() is True
+    assert monitor_of(app).flush() is True
     telemetry = client.get("/healthz").get_json()["telemetry"]
     assert telemetry["started"] is True and telemetry["writer_alive"] is True
     assert telemetry["written"] == 2 and telemetry["write_errors"] == 0  # the event and its request

@@ -6,6 +6,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app import create_app
+from telemetry import monitor_of
 
 
 def _contract_app(tmp_path_factory):
@@ -20,7 +21,7 @@ def contract_app(tmp_path_factory):
     """One app for the whole contract run."""
     app = _contract_app(tmp_path_factory)
     yield app
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 schema = schemathesis.pytest.from_fixture("contract_schema")
@@ -76,5 +77,5 @@ def test_service_still_answers_after_the_fuzzing(contract_app):
     client = contract_app.test_client()
     assert client.get("/healthz").status_code == 200
     assert client.post("/event", json={"event_name": "StillAlive"}).status_code == 202
-    assert contract_app.extensions["telemetry"].flush(10)
+    assert monitor_of(contract_app).flush(10)
     assert client.get("/dashboard/usage?days=1").get_json()["events"]["top"]

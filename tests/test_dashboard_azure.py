@@ -8,6 +8,7 @@ from azure.core.credentials import AccessToken
 from app import create_app
 from kql_check import kql_errors
 from log_analytics import COLUMNS
+from telemetry import monitor_of
 
 WORKSPACE = "00000000-1111-2222-3333-444444444444"
 URL = f"https://api.loganalytics.io/v1/workspaces/{WORKSPACE}/query"
@@ -41,10 +42,10 @@ def azure_client(tmp_path):
     """An Azure-mode app with a workspace and a fake credential (exporters never start here)."""
     app = create_app({"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": CONN,
                       "LOG_ANALYTICS_WORKSPACE_ID": WORKSPACE, "TELEMETRY_STORAGE": str(tmp_path),
-                      "USAGE_CACHE_TTL": "60", "LOG_ANALYTICS_CREDENTIAL": FakeCredential()})
-    app.extensions["usage_source"]._client_kwargs.update(retry_total=0)
+                      "USAGE_CACHE_TTL": "60"}, credential=FakeCredential())
+    monitor_of(app).source._client_kwargs.update(retry_total=0)
     yield app.test_client()
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 def test_azure_usage_has_the_local_shape_and_the_numbers(azure_client, requests_mock, client):
@@ -122,6 +123,6 @@ def test_no_workspace_answers_503(tmp_path):
     app = create_app({"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": CONN,
                       "TELEMETRY_STORAGE": str(tmp_path)})
     resp = app.test_client().get("/dashboard/usage")
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
     assert resp.status_code == 503
     assert "LOG_ANALYTICS_WORKSPACE_ID" in resp.get_json()["error"]["message"]

@@ -14,6 +14,7 @@ from flask import jsonify, request
 from app import create_app
 from local_store import _SCHEMA
 from usage_tracking import log_crud_activity, log_user_login
+from telemetry import monitor_of
 
 DAY = 86400
 
@@ -21,11 +22,11 @@ DAY = 86400
 # -- helpers ---------------------------------------------------------------
 
 def _flush(app):
-    assert app.extensions["telemetry"].flush() is True
+    assert monitor_of(app).flush() is True
 
 
 def _db(app):
-    return sqlite3.connect(app.extensions["settings"].telemetry_db)
+    return sqlite3.connect(monitor_of(app).settings.telemetry_db)
 
 
 @contextlib.contextmanager
@@ -346,7 +347,7 @@ def test_usage_top_limits_the_top_lists_in_local_mode(tmp_path):
         assert len(doc["requests"]["top_operations"]) == 2
         assert len(doc["events"]["top"]) == 2
     finally:
-        application.extensions["telemetry"].close()
+        monitor_of(application).close()
 
 
 # -- dependencies -----------------------------------------------------------

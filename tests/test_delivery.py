@@ -26,9 +26,11 @@ import requests
 from flask import Flask
 
 import telemetry
+import azure_monitor
 from app import create_app
 from fake_ingestion import IKEY, FakeIngestion
 from logging_utils import log_event
+from telemetry import monitor_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
@@ -113,7 +115,7 @@ def make_app():
 
     yield build
     for application in reversed(built):
-        application.extensions["telemetry"].close(5)
+        monitor_of(application).close(5)
 
 
 def post_events(client, n, name="DeliveryCheck", **details):
@@ -129,7 +131,7 @@ def post_events(client, n, name="DeliveryCheck", **details):
 
 def stats(application):
     """The delivery counters (no request is made)."""
-    return application.extensions["telemetry"].health()["delivery"]
+    return monitor_of(application).health()["delivery"]
 
 
 def wait_until(predicate, timeout, interval=0.02):
@@ -221,7 +223,7 @@ def test_outage_loses_nothing_and_recovers_without_new_traffic(mode, fake, make_
     begin_outage(fake, mode)
 
     ids = post_events(client, n)
-    assert application.extensions["telemetry"].flush(30)
+    assert monitor_of(application).flush(30)
     stored = stored_event_ids(tmp_path / "outbox")
     assert stored == set(ids), f"{n - len(stored)} events neither sent nor stored during the outage"
     # The courier keeps probing during the outage, and still nothing is ingested.
@@ -396,7 +398,7 @@ def test_partial_success_retries_retryable_items_and_logs_the_rest_without_data(
                                            "details": {"seq": seq, "card": secrets[seq]}})
         assert resp.status_code == 202
         ids.append(resp.get_json()["event_id"])
-    assert application.extensions["telemetry"].flush(30)
+    assert monitor_of(application).flush(30)
     by_code = {code: {ids[s] for s in range(n) if codes.get(s % 10) == code} for code in (400, 429, 500, 503)}
     rejected = by_code[400]
     retryable = by_code[429] | by_code[500] | by_code[503]
@@ -629,7 +631,7 @@ def test_shutdown_with_a_hanging_endpoint_is_bounded_by_shutdown_grace(fake, mak
     ids = post_events(application.test_client(), 50)
     assert fake.wait_for(lambda f: f.log, 5), "no send in flight"
     started = time.monotonic()
-    application.extensions["telemetry"].close()  # gunicorn.conf.py: worker_exit
+    monitor_of(application).close()  # gunicorn.conf.py: worker_exit
     took = time.monotonic() - started
     MEASURED["close() with SHUTDOWN_GRACE=0.5, EXPORT_TIMEOUT=3, hanging endpoint (s)"] = round(took, 2)
     assert stored_event_ids(tmp_path / "outbox") == set(ids)
@@ -646,7 +648,7 @@ def test_burst_of_10000_events_drops_nothing(fake, make_app, tmp_path, caplog):
     # ~100 sequential 0.2 s round trips and the test ~24 s; nothing else changes.
     application = make_app(azure_config(fake, tmp_path / "outbox", EXPORT_QUEUE_CAPACITY=50, EXPORT_TIMEOUT=2,
                                         EXPORT_BATCH_SIZE=500))
-    tel = application.extensions["telemetry"]
+    tel = monitor_of(application)
     tel.start()
     handler = tel.sink._event_handler
     peak = {"overflow": 0, "queued": 0}
@@ -685,7 +687,7 @@ def fill_events_storage(application, n=200):
     """Events only (server-side log_event, no request telemetry), enough to overflow 20 KB."""
     with application.test_request_context():
         ids = [log_event("Fill", {"seq": seq, "note": "x" * 200}) for seq in range(n)]
-    assert application.extensions["telemetry"].flush(30)
+    assert monitor_of(application).flush(30)
     return ids
 
 
@@ -725,7 +727,7 @@ def test_storage_full_is_logged_once_while_other_kinds_still_fit(fake, make_app,
     for _ in range(10):  # ordinary traffic: each request adds an event (dropped) and a request (fits)
         post_events(client, 1)
         time.sleep(0.06)
-    assert application.extensions["telemetry"].flush(30)
+    assert monitor_of(application).flush(30)
     delivery = client.get("/healthz").get_json()["telemetry"]["delivery"]
     assert delivery["dropped_storage_full"] > 0
     assert len(storage_full_errors(caplog)) == 1, storage_full_errors(caplog)
@@ -755,12 +757,12 @@ def test_default_storage_is_under_the_instance_folder(fake, make_app, instance_p
     application = make_app(azure_config(fake))
     assert application.instance_path == str(instance_paths[0])
     ids = post_events(application.test_client(), 20)
-    assert application.extensions["telemetry"].flush(30)
+    assert monitor_of(application).flush(30)
     outbox = instance_paths[0] / "outbox"
-    assert application.extensions["settings"].telemetry_storage == str(outbox)
+    assert monitor_of(application).settings.telemetry_storage == str(outbox)
     assert stored_event_ids(outbox) == set(ids)
     assert sorted(os.listdir(outbox)) == ["events", "metrics", "requests", "traces"]
-    sink = application.extensions["telemetry"].sink
+    sink = monitor_of(application).sink
     for exporter in (sink._event_handler, sink._log_handler, sink._traces, sink._metrics):
         assert exporter.storage.path.startswith(str(outbox) + os.sep), exporter.storage.path
     assert _opencensus_default_files() == before, "something was stored under /tmp/opencensus-python-<ikey>"
@@ -770,13 +772,13 @@ def test_two_apps_with_different_instance_folders_do_not_share_storage(fake, mak
     fake.stop()
     first = make_app(azure_config(fake))
     first_ids = post_events(first.test_client(), 10, app="first")
-    assert first.extensions["telemetry"].flush(30)
+    assert monitor_of(first).flush(30)
     second = make_app(azure_config(fake))
     second_ids = post_events(second.test_client(), 10, app="second")
-    assert second.extensions["telemetry"].flush(30)
+    assert monitor_of(second).flush(30)
     first_ids += post_events(first.test_client(), 10, app="first")  # the first app is still serving
-    assert first.extensions["telemetry"].flush(30)
-    assert second.extensions["telemetry"].flush(30)
+    assert monitor_of(first).flush(30)
+    assert monitor_of(second).flush(30)
     in_first = stored_event_ids(instance_paths[0] / "outbox")
     in_second = stored_event_ids(instance_paths[1] / "outbox")
     assert not in_second & set(first_ids), \
@@ -792,8 +794,9 @@ def test_delivery_warnings_are_not_exported(fake, make_app, tmp_path, caplog):
     application = make_app(azure_config(fake, tmp_path / "outbox"))
     fake.stop()
     ids = post_events(application.test_client(), 50)
-    logging.getLogger("service.delivery_test").warning("disk almost full")  # a warning that must be exported
-    assert application.extensions["telemetry"].flush(30)
+    with application.app_context():
+        azure_monitor.logger.warning("disk almost full")  # a warning that must be exported
+    assert monitor_of(application).flush(30)
     probes = stats(application)["retries"]
     assert wait_until(lambda: stats(application)["retries"] >= probes + 2, 5)
     warned = [r.getMessage() for r in caplog.records if r.name.startswith(("azure_monitor", "opencensus"))]
@@ -815,10 +818,10 @@ def test_same_event_recorded_twice_is_stored_once_locally(app):
     rec = telemetry.EventRecord(name="Twice", properties={"k": "v"})
     rec.properties["event_id"] = rec.event_id
     with app.app_context():
-        telemetry.current().track_event(rec)
-        telemetry.current().track_event(rec)
-    assert app.extensions["telemetry"].flush()
-    conn = sqlite3.connect(app.extensions["settings"].telemetry_db)
+        monitor_of(app).track_event(rec)
+        monitor_of(app).track_event(rec)
+    assert monitor_of(app).flush()
+    conn = sqlite3.connect(monitor_of(app).settings.telemetry_db)
     try:
         rows = conn.execute("SELECT event_id FROM events WHERE event_id = ?", (rec.event_id,)).fetchall()
     finally:

@@ -6,14 +6,15 @@ import uuid
 import pytest
 
 from app import create_app
+from telemetry import monitor_of
 
 
 # -- helpers ---------------------------------------------------------------
 
 def _query(app, sql, params=()):
     """Flush the app's store, then read it with a plain sqlite3 connection."""
-    assert app.extensions["telemetry"].flush() is True
-    conn = sqlite3.connect(app.extensions["settings"].telemetry_db)
+    assert monitor_of(app).flush() is True
+    conn = sqlite3.connect(monitor_of(app).settings.telemetry_db)
     try:
         return conn.execute(sql, params).fetchall()
     finally:
@@ -209,7 +210,7 @@ def small_app(tmp_path):
     application = create_app({"TESTING": True, "TELEMETRY_DB": str(tmp_path / "small.db"),
                               "LOCAL_FLUSH_INTERVAL": "0.01", "MAX_EVENT_BYTES": "2048"})
     yield application
-    application.extensions["telemetry"].close()
+    monitor_of(application).close()
 
 
 def _body_of_size(size):

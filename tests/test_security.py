@@ -8,6 +8,7 @@ import pytest
 from app import create_app
 from config import ConfigError
 from fake_ingestion import IKEY, FakeIngestion
+from telemetry import monitor_of
 
 TOKEN = "dash-token-0123456789abcdef"
 KEYS = "key-one-aaaaaaaa,key-two-bbbbbbbb"
@@ -26,12 +27,12 @@ def secured(tmp_path):
                    CORS_ORIGINS="https://app.example.com", RATE_LIMIT_ENABLED="true",
                    EVENT_RATE_LIMIT="5 per minute", DASHBOARD_RATE_LIMIT="3 per minute")
     yield app
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 def _stored(app):
-    app.extensions["telemetry"].flush()
-    with sqlite3.connect(app.extensions["settings"].telemetry_db) as conn:
+    monitor_of(app).flush()
+    with sqlite3.connect(monitor_of(app).settings.telemetry_db) as conn:
         return [dict(zip(("name", "user_id", "properties"), r))
                 for r in conn.execute("SELECT name, user_id, properties FROM events")]
 
@@ -60,7 +61,7 @@ def test_azure_mode_without_token_refuses_to_start_unless_auth_is_off(tmp_path):
     assert "DASHBOARD_TOKEN" in str(info.value) and IKEY not in str(info.value)
     app = create_app({"APPLICATIONINSIGHTS_CONNECTION_STRING": conn, "DASHBOARD_AUTH": "off",
                       "TELEMETRY_STORAGE": str(tmp_path)})
-    assert app.extensions["settings"].mode == "azure"
+    assert monitor_of(app).settings.mode == "azure"
 
 
 def test_make_run_binds_loopback_only():
@@ -99,7 +100,7 @@ def test_cors_allows_nothing_by_default(tmp_path):
     resp = app.test_client().post("/event", json={"event_name": "E"}, headers={"Origin": "https://app.example.com"})
     assert resp.status_code == 202
     assert "Access-Control-Allow-Origin" not in resp.headers
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 def test_rate_limit_answers_429_json_with_retry_after(secured):
@@ -131,7 +132,7 @@ def test_frontend_user_ids_never_become_authenticated_users(tmp_path):
     assert rows[0]["user_id"] == "" and json.loads(rows[0]["properties"])["user_id"] == "mallory"
     usage = client.get("/dashboard/usage?days=1").get_json()
     assert usage["users"]["unique_users"] == 0
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 # -- privacy --------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_redaction_applies_before_the_local_store(tmp_path):
     props = json.loads(_stored(app)[0]["properties"])
     assert props["Password"] == props["access_token"] == props["X-Session-Id"] == "[REDACTED]"
     assert props["plan"] == "pro"
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 def test_redaction_applies_before_azure_and_is_configurable(tmp_path):
@@ -153,12 +154,12 @@ def test_redaction_applies_before_azure_and_is_configurable(tmp_path):
                           "REDACT_KEYS": "iban, Secret"})
         app.test_client().post("/event", json={"event_name": "Paid", "details": {
             "IBAN": "DE00 1234", "client_secret": "x", "password": "kept-now", "amount": 3}})
-        assert app.extensions["telemetry"].flush(10)
+        assert monitor_of(app).flush(10)
         events = fake.wait_for(lambda f: f.of_type("EventData"))
         props = events[0]["data"]["baseData"]["properties"]
         assert props["IBAN"] == props["client_secret"] == "[REDACTED]"
         assert props["password"] == "kept-now" and props["amount"] == "3"
-        app.extensions["telemetry"].close()
+        monitor_of(app).close()
     finally:
         fake.stop()
 
@@ -175,10 +176,10 @@ def test_secrets_never_reach_healthz_logs_or_errors(tmp_path, caplog):
         client.post("/event", json={"event_name": "E"}, headers={"X-Api-Key": "key-one-aaaaaaaa"})
         bodies = [client.get("/healthz").get_data(as_text=True),
                   client.get("/dashboard/usage", headers={"Authorization": "Bearer nope"}).get_data(as_text=True),
-                  client.get("/openapi.json").get_data(as_text=True), repr(app.extensions["settings"])]
+                  client.get("/openapi.json").get_data(as_text=True), repr(monitor_of(app).settings)]
         fake.mode = "error"
-        app.extensions["telemetry"].flush(10)
-        app.extensions["telemetry"].close()
+        monitor_of(app).flush(10)
+        monitor_of(app).close()
     finally:
         fake.stop()
     text = "\n".join(bodies + [r.getMessage() for r in caplog.records])
@@ -218,14 +219,14 @@ def test_hostile_bodies_get_a_4xx_json_error_and_store_nothing(tmp_path, name, b
     assert set(resp.get_json()) == {"error"}
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
     assert _stored(app) == []
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 def test_oversized_body_is_413_json(tmp_path):
     app = make_app(tmp_path, MAX_EVENT_BYTES="2048")
     resp = app.test_client().post("/event", json={"event_name": "a", "details": {"k": "x" * 4000}})
     assert resp.status_code == 413 and resp.get_json()["error"]["field"] == "body"
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 @pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "GET"])
@@ -234,7 +235,7 @@ def test_unknown_methods_on_known_routes_are_405_json(tmp_path, method):
     resp = app.test_client().open("/event", method=method)
     assert resp.status_code == 405 and "POST" in resp.headers["Allow"]
     assert resp.get_json()["error"]["code"] == "method_not_allowed"
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 @pytest.mark.parametrize("days", ["7 or 1=1", "7|take 1", "7;", "-1", "1e1", "０7", "7\n"])
@@ -242,7 +243,7 @@ def test_days_never_reaches_kql_as_text(tmp_path, days):
     app = make_app(tmp_path)
     resp = app.test_client().get("/dashboard/usage", query_string={"days": days})
     assert resp.status_code == 400 and resp.get_json()["error"]["field"] == "days"
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 def test_every_response_is_nosniff_and_debug_is_off(tmp_path, monkeypatch):
@@ -253,7 +254,7 @@ def test_every_response_is_nosniff_and_debug_is_off(tmp_path, monkeypatch):
                  client.get("/openapi.json")):
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
     assert app.debug is False
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 def test_openapi_describes_every_route_status_and_error_body(tmp_path):
@@ -262,7 +263,7 @@ def test_openapi_describes_every_route_status_and_error_body(tmp_path):
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {"/event", "/dashboard/usage", "/healthz"}
     event = doc["paths"]["/event"]["post"]
-    assert set(event["responses"]) == {"202", "400", "401", "413", "415", "422", "429"}
+    assert set(event["responses"]) == {"202", "400", "401", "413", "415", "422", "429", "503"}
     assert event["security"] == [{"apiKey": []}]
     usage = doc["paths"]["/dashboard/usage"]["get"]
     assert set(usage["responses"]) == {"200", "400", "401", "429", "502", "503"}
@@ -270,4 +271,4 @@ def test_openapi_describes_every_route_status_and_error_body(tmp_path):
     assert doc["components"]["schemas"]["ErrorResponse"]["properties"]["error"]
     name = doc["components"]["schemas"]["PublicEvent"]["properties"]["event_name"]
     assert name["maxLength"] == 512 and name["not"] == {"enum": ["UserLogin", "CrudActivity"]}
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()

@@ -8,6 +8,7 @@ from azure.core.credentials import AccessToken
 
 from app import create_app
 from log_analytics import COLUMNS
+from telemetry import monitor_of
 
 WORKSPACE = "00000000-1111-2222-3333-444444444444"
 URL = f"https://api.loganalytics.io/v1/workspaces/{WORKSPACE}/query"
@@ -36,11 +37,11 @@ def _body(count):
 def azure_app(tmp_path):
     app = create_app({"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": CONN,
                       "LOG_ANALYTICS_WORKSPACE_ID": WORKSPACE, "TELEMETRY_STORAGE": str(tmp_path),
-                      "USAGE_CACHE_TTL": "60", "DASHBOARD_TOKEN": TOKEN, "RATE_LIMIT_ENABLED": "false",
-                      "LOG_ANALYTICS_CREDENTIAL": FakeCredential()})
-    app.extensions["usage_source"]._client_kwargs.update(retry_total=0)
+                      "USAGE_CACHE_TTL": "60", "DASHBOARD_TOKEN": TOKEN, "RATE_LIMIT_ENABLED": "false"},
+                     credential=FakeCredential())
+    monitor_of(app).source._client_kwargs.update(retry_total=0)
     yield app
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 
 
 def _concurrent_gets(app, url, n=CALLERS):

@@ -7,14 +7,15 @@ import pytest
 
 from logging_utils import log_event
 from usage_tracking import log_crud_activity, log_user_login
+from telemetry import monitor_of
 
 
 def _events(app):
     """Flush the store and return every event row as a dict, properties decoded."""
-    telemetry = app.extensions["telemetry"]
+    telemetry = monitor_of(app)
     if not telemetry.flush():
         raise AssertionError("store did not flush")
-    conn = sqlite3.connect(app.extensions["settings"].telemetry_db)
+    conn = sqlite3.connect(monitor_of(app).settings.telemetry_db)
     try:
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone()
         rows = conn.execute("SELECT event_id, name, user_id, action, entity, properties FROM events"
@@ -88,7 +89,9 @@ def test_user_and_entity_are_stripped(app):
     pytest.param(lambda: log_crud_activity("create", "alice", "e" * 151), "entity", id="entity-151"),
     pytest.param(lambda: log_user_login(""), "user_id", id="login-user-empty"),
     pytest.param(lambda: log_user_login(None), "user_id", id="login-user-none"),
-    pytest.param(lambda: log_user_login(42), "user_id", id="login-user-int"),
+    pytest.param(lambda: log_user_login(True), "user_id", id="login-user-bool"),
+    pytest.param(lambda: log_user_login(4.2), "user_id", id="login-user-float"),
+    pytest.param(lambda: log_crud_activity("create", False, "invoice"), "user_id", id="crud-user-bool"),
     pytest.param(lambda: log_user_login("u" * 257), "user_id", id="login-user-257"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(app, call, argument):

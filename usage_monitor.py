@@ -1,0 +1,187 @@
+"""UsageMonitor, the Flask extension: settings, the mode's sink and usage source, hooks and routes."""
+import atexit
+import collections
+import logging
+import os
+import threading
+import time
+
+import request_tracking
+import security
+import views
+from config import load_settings
+from local_store import LocalStore
+from log_analytics import LogAnalyticsUsageSource
+from telemetry import (EXTENSION_NAME, TelemetryUnavailable, current_monitor, forget_started, install_trace_forwarder,
+                       monitor_of, set_last_started, stringify)
+
+__all__ = ["UsageMonitor", "current_monitor", "monitor_of"]
+
+# Operational failures are logged here, outside the trace logger, so they never feed back into a sink.
+log = logging.getLogger("telemetry.monitor")
+_FAILURE_LOG_INTERVAL = 60.0
+
+
+class UsageMonitor:
+    """Usage and performance telemetry for one Flask app: `UsageMonitor(app)` or `init_app(app)` later.
+
+    `routes=False` registers only the hooks (request timing, dependency tracking, traces), for a
+    host that serves its own routes. `credential` is the Log Analytics TokenCredential used in
+    Azure mode (DefaultAzureCredential when None).
+    """
+
+    def __init__(self, app=None, *, routes=True, credential=None):
+        self.routes = routes
+        self.credential = credential
+        self.app = None
+        self.settings = self.sink = self.source = self.limiter = None
+        self.source_name = ""
+        self.failures = collections.Counter()
+        self._rate_limits = {}
+        self._pid = None
+        self._lock = threading.Lock()
+        self._last_failure_log = float("-inf")
+        if app is not None:
+            self.init_app(app)
+
+    # -- setup -------------------------------------------------------------
+    def init_app(self, app):
+        """Read the settings and attach the sink, source, hooks and (unless routes=False) the routes."""
+        if monitor_of(app) is not None:
+            raise RuntimeError(f"the Flask app {app.name!r} already has a UsageMonitor")
+        if self.app is not None:
+            raise RuntimeError("a UsageMonitor serves one app: create one UsageMonitor per app")
+        self.settings = load_settings(app.instance_path, app.config)
+        self.app = app
+        self._setup_sink()
+        self._setup_hooks(app)
+        self.limiter, self._rate_limits = security.init_app(app, self.settings)
+        install_trace_forwarder(self.settings.trace_log_level)
+        if self.routes:
+            views.init_app(app)
+        app.extensions[EXTENSION_NAME] = self
+
+    def _setup_sink(self):
+        """Choose the sink and the usage source for the mode; nothing starts until first use."""
+        settings = self.settings
+        if settings.mode == "azure":
+            from azure_monitor import AzureSink
+            self.sink = AzureSink(settings)
+            self.source, self.source_name = self._log_analytics_source(), "azure_monitor"
+        else:
+            self.sink = LocalStore(settings.telemetry_db, settings.local_batch_size, settings.local_flush_interval,
+                                   top=settings.usage_top)
+            self.source, self.source_name = self.sink, "local"
+
+    def _log_analytics_source(self):
+        """The Log Analytics usage source, or None (with a warning) when no workspace is configured."""
+        settings = self.settings
+        if not settings.log_analytics_workspace_id:
+            logging.getLogger("usage_monitor.service").warning(
+                "LOG_ANALYTICS_WORKSPACE_ID is not set: /dashboard/usage will answer 503")
+            return None
+        credential = self.credential
+        if credential is None:
+            from azure.identity import DefaultAzureCredential
+            credential = DefaultAzureCredential()
+        return LogAnalyticsUsageSource(
+            settings.log_analytics_workspace_id, credential,
+            cache_ttl=settings.usage_cache_ttl, timeout=settings.usage_query_timeout, top=settings.usage_top)
+
+    @staticmethod
+    def _setup_hooks(app):
+        """Request timing for every route of the app, and `requests` calls as dependencies."""
+        app.before_request(request_tracking.start_request)
+        app.after_request(request_tracking.finish_request)
+        request_tracking.instrument_requests()
+
+    def check_rate_limit(self, name):
+        """Apply the rate limit `name` ('event' or 'dashboard') to the current request (429 when over)."""
+        gate = self._rate_limits.get(name)
+        if gate is not None:
+            gate()
+
+    # -- the sink, started once per process ------------------------------------
+    def _started_sink(self):
+        """Return the sink, starting it in this process first if needed (after fork, too)."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self.sink.start()
+                    self._pid = os.getpid()
+                    atexit.register(self.close)
+                    set_last_started(self)
+        return self.sink
+
+    def start(self):
+        """Start the sink in this process now rather than on first use (gunicorn's post_worker_init)."""
+        self._started_sink()
+        return self
+
+    def _hand_over(self, kind, record):
+        """Give one record to the sink; an operational failure is counted, logged and reported as False."""
+        try:
+            getattr(self._started_sink(), f"track_{kind}")(record)
+            return True
+        except Exception as exc:  # any sink failure: counted and logged, never raised into the host
+            self._failed(kind, exc)
+            return False
+
+    def _failed(self, kind, exc):
+        """Count a record the sink could not take; log the first failure and then at most once a minute."""
+        self.failures[kind] += 1
+        now = time.monotonic()
+        if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL:
+            self._last_failure_log = now
+            log.error("telemetry could not record a %s (%s: %s); failures so far: %s",
+                      kind, type(exc).__name__, exc, dict(self.failures))
+
+    def track_event(self, record):
+        """Queue one custom event; returns its event_id, or raises TelemetryUnavailable."""
+        if not self._hand_over("event", record):
+            raise TelemetryUnavailable("telemetry could not record the event")
+        return record.event_id
+
+    def track_request(self, record):
+        """Queue one request record (failures are counted, never raised)."""
+        self._hand_over("request", record)
+
+    def track_dependency(self, record):
+        """Queue one dependency record (failures are counted, never raised)."""
+        self._hand_over("dependency", record)
+
+    def track_trace(self, record):
+        """Queue one log record of azure_monitor.logger (failures are counted, never raised).
+
+        Its custom_dimensions become string properties, redacted like event details.
+        """
+        dims = getattr(record, "custom_dimensions", None)
+        if isinstance(dims, dict):
+            record.custom_dimensions = {str(k): stringify(v)
+                                        for k, v in security.redact(dims, self.settings.redact_keys).items()}
+        self._hand_over("trace", record)
+
+    def flush(self, timeout=10.0):
+        """Block until everything queued so far is written or sent; for tests and shutdown."""
+        if self._pid == os.getpid():
+            return self.sink.flush(timeout)
+        return True
+
+    def close(self, timeout=None):
+        """Flush and stop the sink's background work in this process (the sink's own grace by default)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return
+            self._pid = None
+        forget_started(self)
+        self.sink.close(timeout)
+
+    def health(self):
+        """The sink's counters and this monitor's failure counts, for /healthz."""
+        report = self.sink.health() if self._pid == os.getpid() else {"started": False}
+        report["record_failures"] = dict(self.failures)
+        return report
+
+    def metrics_exporter(self):
+        """Start the sink here and return its response-time metrics exporter (None in local mode)."""
+        return getattr(self._started_sink(), "metrics_exporter", None)
