@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -143,14 +142,15 @@ elif mode == "raw":
         conn.close()
 else:
     from app import create_app
+    from telemetry import monitor_of
     app = create_app({{"TELEMETRY_DB": path, "LOG_LEVEL": "WARNING", "RATE_LIMIT_ENABLED": "false",
                       "LOCAL_FLUSH_INTERVAL": "0.2"}})
-    app.extensions["telemetry"].start()
+    monitor_of(app).start()
     client = app.test_client()
     for _ in range(repeat):
         t = time.perf_counter(); resp = client.get("/dashboard/usage?days=30"); times.append(time.perf_counter() - t)
         assert resp.status_code == 200, resp.get_data(as_text=True)
-    app.extensions["telemetry"].close()
+    monitor_of(app).close()
 print(json.dumps(times))
 """
 

@@ -10,7 +10,8 @@ named in BENCH_EXPERIMENTS (comma-separated) before create_app().
                  background threads in a worker, taking the GIL back can wait a whole switch interval
                  (5 ms). Three ids per POST /event (operation, span, event). The event id stays a
                  version-4 UUID (random is reseeded after fork).
-  no_limiter     security.limit: no decorator at all when RATE_LIMIT_ENABLED is false (flask-limiter
+  no_limiter     (applied upstream in 22acc8e; a no-op now that security has no `limit` decorator)
+                 security.limit: no decorator at all when RATE_LIMIT_ENABLED is false (flask-limiter
                  still evaluates a disabled limit on every call).
   fast_record    logging_utils.record_event: stringify without json.dumps for bool/int/None, and the
                  redaction decision memoised per key (keys repeat; the words list is fixed).
@@ -43,10 +44,13 @@ def fast_ids():
 
 def no_limiter():
     import security
-    original = security.limit
+    from telemetry import monitor_of
+    original = getattr(security, "limit", None)
+    if original is None:  # applied upstream: no limiter check at all on the request path when limits are off
+        return
 
     def limit(app, value):
-        if not app.extensions["limiter"].enabled:
+        if not monitor_of(app).limiter.enabled:
             return lambda view: view
         return original(app, value)
 

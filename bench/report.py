@@ -7,7 +7,7 @@ import os
 import sys
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("a", "b", "a_azure", "c", "d", "e_uncached", "e_cached")
+ORDER = ("a", "b", "a_azure", "c", "d", "e_uncached")
 
 
 def _f(value, digits=1):
@@ -108,9 +108,7 @@ def http_section(http):
         lines.append("")
     if http.get("local_rows"):
         lines += [f"(e) ran over the local store that (a) and (b) filled: {http['local_rows']} rows. "
-                  "Uncached: every call reads SQLite (the default in local mode). Cached: the store's result "
-                  "cache (`LocalStore.cache_ttl`, 60 s; switched on here by `bench/wsgi.py`, not exposed as a "
-                  "setting).", ""]
+                  "Every call reads SQLite (the local store has no result cache).", ""]
     for key, prof in http.get("profiles", {}).items():
         if prof.get("profile"):
             lines += [f"### Profile of ({key}) {prof['title']}", "",

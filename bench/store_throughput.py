@@ -27,11 +27,12 @@ from app import create_app  # noqa: E402
 from logging_utils import log_event  # noqa: E402
 import local_store  # noqa: E402
 import telemetry  # noqa: E402
+from telemetry import monitor_of  # noqa: E402
 
 
 def run(events, db, batch_size, profile=None):
     app = create_app({"TELEMETRY_DB": db, "LOCAL_BATCH_SIZE": str(batch_size), "LOG_LEVEL": "WARNING"})
-    telemetry = app.extensions["telemetry"]
+    telemetry = monitor_of(app)
     details = {"format": "pdf", "pages": 3, "ok": True}
     with app.app_context():
         telemetry.start()  # schema + writer thread, outside the timed part (as post_worker_init does)

@@ -1,9 +1,12 @@
-"""The benchmark's WSGI entry point: `create_app()` exactly as `app:app` builds it.
+"""The benchmark's WSGI entry point: `create_app()` exactly as `app:app` builds it, plus the bench's
+own bare endpoint.
 
-Bench-only knobs, both unset by default: BENCH_EXPERIMENTS applies the measured recommendations of
-bench/experiments.py before the app is built; BENCH_LOCAL_CACHE_TTL (seconds) turns on the local
-store's result cache (LocalStore.cache_ttl) for the "dashboard, cached" scenario -- the app itself
-does not expose it.
+`/bench/bare` does nothing (204): the ceiling of scenario (a). It is an app route like the service's
+own, so the app-wide request hooks (timing, request tracking, security headers) run for it as for
+every route; only the view's work differs. The service does not serve it: the bench registers it here.
+
+BENCH_EXPERIMENTS (unset by default) applies the measured recommendations of bench/experiments.py
+before the app is built.
 """
 import os
 import sys
@@ -15,8 +18,11 @@ experiments.apply()  # BENCH_EXPERIMENTS (empty: none) -- measured recommendatio
 
 from app import create_app  # noqa: E402
 
-app = create_app()
 
-_ttl = os.environ.get("BENCH_LOCAL_CACHE_TTL")
-if _ttl and hasattr(app.extensions.get("usage_source"), "cache_ttl"):
-    app.extensions["usage_source"].cache_ttl = float(_ttl)
+def bench_bare():
+    """Does nothing: the ceiling for benchmarks (scenario (a))."""
+    return "", 204
+
+
+app = create_app()
+app.add_url_rule("/bench/bare", view_func=bench_bare, methods=["GET", "POST"])
