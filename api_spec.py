@@ -2,13 +2,13 @@
 import functools
 import json
 import re
-from typing import Annotated, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import models_json_schema
 
-from logging_utils import describe_error
+from logging_utils import PublicEvent, describe_error
 
 _DAYS = re.compile(r"[0-9]{1,2}")
 
@@ -16,10 +16,10 @@ _DAYS = re.compile(r"[0-9]{1,2}")
 class ApiError(Exception):
     """An error answered as {"error": {"code", "message", "field"?}} with an HTTP status."""
 
-    def __init__(self, status, code, message, field=None, headers=None):
+    def __init__(self, status, code, message, field=None, headers=None, errors=None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-        self.field, self.headers = field, headers or {}
+        self.field, self.headers, self.errors = field, headers or {}, errors
 
 
 # -- request models (the validation) ------------------------------------------------------
@@ -40,12 +40,22 @@ class UsageQuery(BaseModel):
 
 
 # -- response models (documentation and schemathesis' conformance checks) -------------------
+class ItemError(BaseModel):
+    """Why one item of a batch was refused."""
+
+    index: int
+    code: str
+    message: str
+    field: Optional[str] = None
+
+
 class ErrorDetail(BaseModel):
     """What went wrong."""
 
     code: str
     message: str
     field: Optional[str] = None
+    errors: Optional[List[ItemError]] = Field(default=None, description="POST /events: why each item was refused")
 
 
 class ErrorResponse(BaseModel):
@@ -59,6 +69,27 @@ class EventAccepted(BaseModel):
 
     status: Literal["accepted"]
     event_id: Annotated[str, Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")]
+
+
+class EventBatch(BaseModel):
+    """POST /events' body: events shaped like POST /event's, each validated on its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: Annotated[List[Any], Field(
+        min_length=1, json_schema_extra={"items": {"$ref": "#/components/schemas/PublicEvent"}},
+        description="1 to MAX_BATCH_EVENTS (default 100) events")]
+    api_key: Annotated[Optional[str], Field(
+        default=None, max_length=1024, description="The API key, when the X-Api-Key header cannot be set")]
+
+
+class BatchAccepted(BaseModel):
+    """POST /events' answer: the valid items are recorded even when others are refused."""
+
+    status: Literal["accepted"]
+    accepted: int
+    event_ids: List[Optional[str]]
+    errors: List[ItemError]
 
 
 Ms = Optional[float]
@@ -133,6 +164,8 @@ class EventStats(BaseModel):
 class UserStats(BaseModel):
     logins: int
     unique_users: int
+    anonymous: Annotated[int, Field(description="Distinct anonymous visitor ids (events' anonymous_id)")]
+    sessions: Annotated[int, Field(description="Distinct session ids")]
     daily_active: List[DailyUsers]
 
 
@@ -177,7 +210,7 @@ class Health(BaseModel):
 
 # -- the registry -----------------------------------------------------------------------------
 _DESCRIPTIONS = {200: "OK", 202: "Accepted", 400: "Malformed request", 401: "Missing or wrong credential",
-                 413: "Body too large", 415: "Content-Type is not application/json",
+                 413: "Body too large", 415: "Content-Type is neither application/json nor text/plain",
                  422: "A field breaks the rules (the error names it)", 429: "Rate limit exceeded",
                  502: "Log Analytics failed",
                  503: "Temporarily unavailable: telemetry cannot take it, or Log Analytics is unavailable or not configured"}
@@ -210,7 +243,7 @@ class ApiSpec:
 
     def render(self, security_schemes=None, active_security=()):
         """The OpenAPI 3.1 document for the operations registered so far."""
-        models = {ErrorResponse}
+        models = {ErrorResponse, PublicEvent}
         for op in self._operations:
             models.update(m for m in (op["body"], op["query"], op["response"]) if m is not None)
         _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
@@ -245,7 +278,8 @@ class ApiSpec:
                 {"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop}
                 for name, prop in schema["properties"].items()]
         if op["body"] is not None:
-            out["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(op["body"])}}}
+            out["requestBody"] = {"required": True, "content": {
+                media: {"schema": ref(op["body"])} for media in BODY_MEDIA_TYPES}}
         if secured:
             out["security"] = [{op["security"]: []}]
         return out
@@ -301,10 +335,14 @@ def _depth(data):
     return deepest
 
 
+# text/plain is what navigator.sendBeacon(url, string) sends: a CORS-safelisted type, no preflight.
+BODY_MEDIA_TYPES = ("application/json", "text/plain")
+
+
 def parse_json_object():
-    """The request body as a JSON object, or an ApiError naming what is wrong."""
-    if request.mimetype != "application/json":
-        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    """The request body (JSON, sent as application/json or text/plain) as an object, or an ApiError."""
+    if request.mimetype not in BODY_MEDIA_TYPES:
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json or text/plain")
     data = request.get_data(cache=True)
     if data.count(b"[") + data.count(b"{") > _MAX_DEPTH and _depth(data) > _MAX_DEPTH:
         raise ApiError(400, "invalid_json", f"the body nests deeper than {_MAX_DEPTH} levels", field="body")

@@ -66,14 +66,21 @@ class _ReliableHandlerMixin(_RealLockMixin, ReliableExporterMixin):
 
 
 class EventHandler(_ReliableHandlerMixin, AzureEventHandler):
-    """AzureEventHandler that also fills the authenticated-user tag."""
+    """AzureEventHandler that also fills the user and session tags and keeps the event's own time."""
+
+    _TAGS = (("auth_user_id", "ai.user.authUserId"), ("anonymous_id", "ai.user.id"),
+             ("session_id", "ai.session.id"))
 
     def log_record_to_envelope(self, record):
-        """Build the EventData envelope, then add ai.user.authUserId when the record has a user."""
+        """Build the EventData envelope, then add the record's user and session tags and its time."""
         envelope = super().log_record_to_envelope(record)
-        user = getattr(record, "auth_user_id", "")
-        if user:
-            envelope.tags["ai.user.authUserId"] = user
+        for attribute, tag in self._TAGS:
+            value = getattr(record, attribute, "")
+            if value:
+                envelope.tags[tag] = value
+        event_time = getattr(record, "event_time", None)
+        if event_time is not None:  # a client's timestamp: the event lands on its own day
+            envelope.time = _iso(event_time)
         return envelope
 
 
@@ -263,7 +270,8 @@ class AzureSink:
     def track_event(self, rec):
         """Send a custom event through the event logger (queued by the handler)."""
         self._events.info(rec.name, extra={
-            "custom_dimensions": rec.properties, "auth_user_id": rec.user_id,
+            "custom_dimensions": rec.properties, "auth_user_id": rec.user_id, "event_time": rec.timestamp,
+            "anonymous_id": rec.anonymous_id, "session_id": rec.session_id,
             "traceId": rec.operation_id or _ZERO_TRACE})
 
     def track_trace(self, record):
@@ -283,7 +291,7 @@ class AzureSink:
                       "http.status_code": rec.status}
         if rec.user_id:
             attributes["enduser.id"] = rec.user_id
-        self._export_span(rec.name, rec.operation_id, rec.span_id, None, attributes,
+        self._export_span(rec.name, rec.operation_id, rec.span_id, rec.parent_id or None, attributes,
                           rec.timestamp, rec.duration_ms, SpanKind.SERVER)
 
     def track_dependency(self, rec):
@@ -295,7 +303,7 @@ class AzureSink:
             attributes["http.status_code"] = rec.status
         else:
             attributes["error.name"] = rec.result_code
-        self._export_span(rec.name, rec.operation_id, telemetry.new_span_id(), rec.parent_id or None,
+        self._export_span(rec.name, rec.operation_id, rec.span_id, rec.parent_id or None,
                           attributes, rec.timestamp, rec.duration_ms, SpanKind.CLIENT,
                           status_code=0 if rec.success else 2)
 

@@ -28,6 +28,8 @@ class Settings:
     usage_query_timeout: float = 30.0
     usage_top: int = 10
     max_event_bytes: int = 64 * 1024
+    max_batch_events: int = 100
+    max_batch_bytes: int = 512 * 1024
     trace_sampling_rate: float = 1.0
     export_interval: float = 5.0
     export_batch_size: int = 100
@@ -71,6 +73,8 @@ _BOUNDS = {
     "usage_query_timeout": (1, 600),
     "usage_top": (1, 100),
     "max_event_bytes": (1024, 1024 * 1024),
+    "max_batch_events": (1, 1000),
+    "max_batch_bytes": (1024, 8 * 1024 * 1024),
     "trace_sampling_rate": (0, 1),
     "export_interval": (0.01, 3600),
     "export_batch_size": (1, 1000),

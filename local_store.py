@@ -44,7 +44,7 @@ from telemetry import mark_internal_thread
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUCKETS_PER_OCTAVE = 16
 _BUCKET_MIN_EXP, _BUCKET_MAX_EXP = -10, 24  # 1/1024 ms .. 2^24 ms (4.7 hours); beyond: the end buckets
 _BOUNDS = [-1.0e308] + [2.0 ** (_BUCKET_MIN_EXP + i / BUCKETS_PER_OCTAVE)
@@ -54,7 +54,9 @@ _TABLES = """
 CREATE TABLE IF NOT EXISTS events (
     event_id TEXT NOT NULL, ts REAL NOT NULL, day TEXT NOT NULL, name TEXT NOT NULL,
     user_id TEXT NOT NULL DEFAULT '', action TEXT, entity TEXT, operation_id TEXT,
-    properties TEXT NOT NULL, UNIQUE (ts, event_id));
+    properties TEXT NOT NULL, anonymous_id TEXT NOT NULL DEFAULT '', session_id TEXT NOT NULL DEFAULT '',
+    client_id INTEGER NOT NULL DEFAULT 0, UNIQUE (ts, event_id));
+CREATE TABLE IF NOT EXISTS client_event_ids (event_id TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, day TEXT NOT NULL, name TEXT NOT NULL,
     status INTEGER NOT NULL, success INTEGER NOT NULL, duration_ms REAL NOT NULL,
@@ -87,6 +89,14 @@ CREATE TABLE IF NOT EXISTS ev_name_user_last (
     name TEXT NOT NULL, user_id TEXT NOT NULL, last_day TEXT NOT NULL,
     PRIMARY KEY (name, user_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ev_name_user_last_day ON ev_name_user_last(name, last_day);
+CREATE TABLE IF NOT EXISTS ev_anonymous_day (
+    day TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (day, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ev_anonymous_last (id TEXT PRIMARY KEY, last_day TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ev_anonymous_last_day ON ev_anonymous_last(last_day);
+CREATE TABLE IF NOT EXISTS ev_session_day (
+    day TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (day, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ev_session_last (id TEXT PRIMARY KEY, last_day TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ev_session_last_day ON ev_session_last(last_day);
 CREATE TABLE IF NOT EXISTS crud_day (
     day TEXT NOT NULL, entity TEXT, action TEXT, n INTEGER NOT NULL, UNIQUE (day, entity, action));
 CREATE TABLE IF NOT EXISTS req_day (
@@ -106,7 +116,26 @@ CREATE TABLE IF NOT EXISTS dep_day (
 
 _BUCKET_OF = "COALESCE((SELECT bucket FROM hist_bounds WHERE lo <= {x} ORDER BY lo DESC LIMIT 1), 0)"
 
-_TRIGGERS = """
+# Client-made event ids: a retried send is stored once, whatever its time (RAISE(IGNORE) skips the row).
+_CLIENT_IDS = """
+CREATE TRIGGER IF NOT EXISTS events_client_once BEFORE INSERT ON events WHEN NEW.client_id = 1 BEGIN
+  SELECT RAISE(IGNORE) WHERE EXISTS (SELECT 1 FROM client_event_ids WHERE event_id = NEW.event_id);
+END;
+CREATE TRIGGER IF NOT EXISTS events_client_seen AFTER INSERT ON events WHEN NEW.client_id = 1 BEGIN
+  INSERT OR IGNORE INTO client_event_ids (event_id) VALUES (NEW.event_id);
+END;
+"""
+# Distinct anonymous visitors and sessions: per day, and each one's latest day (as for users).
+_DISTINCT_IDS = (("anonymous", "anonymous_id"), ("session", "session_id"))
+_ID_TRIGGERS = "".join(f"""
+CREATE TRIGGER IF NOT EXISTS events_rollup_{kind} AFTER INSERT ON events WHEN NEW.{column} <> '' BEGIN
+  INSERT OR IGNORE INTO ev_{kind}_day (day, id) VALUES (NEW.day, NEW.{column});
+  INSERT INTO ev_{kind}_last (id, last_day) VALUES (NEW.{column}, NEW.day)
+    ON CONFLICT (id) DO UPDATE SET last_day = excluded.last_day WHERE excluded.last_day > ev_{kind}_last.last_day;
+END;
+""" for kind, column in _DISTINCT_IDS)
+
+_TRIGGERS = _CLIENT_IDS + _ID_TRIGGERS + """
 CREATE TRIGGER IF NOT EXISTS events_rollup AFTER INSERT ON events BEGIN
   INSERT INTO ev_day (day, name, n, max_ts) VALUES (NEW.day, NEW.name, 1, NEW.ts)
     ON CONFLICT (day, name) DO UPDATE SET n = n + 1, max_ts = max(max_ts, excluded.max_ts);
@@ -167,10 +196,14 @@ _SEED = ("INSERT OR IGNORE INTO hist_bounds (lo, bucket) VALUES "
 _SCHEMA = _TABLES + _TRIGGERS + _SEED
 
 _ROLLUP_TABLES = ("ev_day", "ev_user_day", "ev_day_users", "ev_name_user_day", "ev_user_last", "ev_name_user_last",
-                  "crud_day",
+                  "ev_anonymous_day", "ev_anonymous_last", "ev_session_day", "ev_session_last", "crud_day",
                   "req_day", "req_hist", "req_hist_all", "dep_day")
 
-_REBUILD = """
+_ID_REBUILD = "".join(f"""
+INSERT INTO ev_{kind}_day (day, id) SELECT DISTINCT day, {column} FROM events WHERE {column} <> '';
+INSERT INTO ev_{kind}_last (id, last_day) SELECT {column}, MAX(day) FROM events WHERE {column} <> '' GROUP BY {column};
+""" for kind, column in _DISTINCT_IDS)
+_REBUILD = _ID_REBUILD + """
 INSERT INTO ev_day (day, name, n, max_ts) SELECT day, name, COUNT(*), MAX(ts) FROM events GROUP BY day, name;
 INSERT INTO ev_user_day (day, user_id) SELECT DISTINCT day, user_id FROM events WHERE user_id <> '';
 INSERT INTO ev_name_user_day (name, day, user_id)
@@ -195,9 +228,13 @@ INSERT INTO dep_day (day, type, target, n, failed, sum_ms, max_ts)
 INSERT OR REPLACE INTO store_meta (key, value) VALUES ('rollups', 'complete');
 """.format(bucket=_BUCKET_OF.format(x="duration_ms"))
 
-_EVENT_COLUMNS = "event_id, ts, day, name, user_id, action, entity, operation_id, properties"
+_V1_EVENT_COLUMNS = "event_id, ts, day, name, user_id, action, entity, operation_id, properties"
+_EVENT_COLUMNS = _V1_EVENT_COLUMNS + ", anonymous_id, session_id, client_id"
+_ADDED_EVENT_COLUMNS = (  # version 4
+    ("anonymous_id", "TEXT NOT NULL DEFAULT ''"), ("session_id", "TEXT NOT NULL DEFAULT ''"),
+    ("client_id", "INTEGER NOT NULL DEFAULT 0"))
 _INSERT = {
-    "event": f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "event": f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
              " ON CONFLICT (ts, event_id) DO NOTHING",
     "request": "INSERT INTO requests (ts, day, name, status, success, duration_ms, user_id,"
                " operation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -341,8 +378,12 @@ def migrate(conn):
         conn.execute("DROP INDEX IF EXISTS events_ts")
     for statement in _statements(_TABLES):
         conn.execute(statement)
+    present = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    for column, declaration in _ADDED_EVENT_COLUMNS:
+        if column not in present:
+            conn.execute(f"ALTER TABLE events ADD COLUMN {column} {declaration}")
     if old_events:
-        conn.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM events_v1"
+        conn.execute(f"INSERT INTO events ({_V1_EVENT_COLUMNS}) SELECT {_V1_EVENT_COLUMNS} FROM events_v1"
                      " ORDER BY ts ON CONFLICT DO NOTHING")
         conn.execute("DROP TABLE events_v1")
     if version < SCHEMA_VERSION:  # triggers of an older version: replace them
@@ -497,7 +538,8 @@ class LocalStore:
                 crud = rec.name == "CrudActivity"
                 rows.append((rec.event_id, rec.timestamp, _day(rec.timestamp), rec.name, rec.user_id or "",
                              props.get("action") if crud else None, props.get("entity") if crud else None,
-                             rec.operation_id, _properties_json(props)))
+                             rec.operation_id, _properties_json(props), rec.anonymous_id, rec.session_id,
+                             int(rec.client_event_id)))
             return rows
         if kind == "request":
             return [(rec.timestamp, _day(rec.timestamp), rec.name, rec.status, int(rec.success),
@@ -688,6 +730,13 @@ def _rollup_usage_rows(conn, d0, d1, top, users="last"):
         (active,) = conn.execute("SELECT COUNT(DISTINCT user_id) FROM ev_user_day WHERE day BETWEEN ? AND ?",
                                  days).fetchone()
     yield _row("active_summary", users=active)
+    for kind, _ in _DISTINCT_IDS:
+        if users == "last":
+            (count,) = conn.execute(f"SELECT COUNT(*) FROM ev_{kind}_last WHERE last_day >= ?", (d0,)).fetchone()
+        else:
+            (count,) = conn.execute(f"SELECT COUNT(DISTINCT id) FROM ev_{kind}_day WHERE day BETWEEN ? AND ?",
+                                    days).fetchone()
+        yield _row(f"{kind}_summary", users=count)
     for entity, action, count in conn.execute(
             "SELECT entity, action, SUM(n) FROM crud_day WHERE day BETWEEN ? AND ?"
             " GROUP BY entity, action", days):
@@ -753,6 +802,10 @@ def _raw_usage_rows(conn, t0, t1, top):
         "SELECT COUNT(DISTINCT NULLIF(user_id, '')) FROM events WHERE ts BETWEEN ? AND ?",
         span).fetchone()
     yield _row("active_summary", users=users)
+    for kind, column in _DISTINCT_IDS:
+        (count,) = conn.execute(f"SELECT COUNT(DISTINCT NULLIF({column}, '')) FROM events WHERE ts BETWEEN ? AND ?",
+                                span).fetchone()
+        yield _row(f"{kind}_summary", users=count)
     for entity, action, count in conn.execute(
             "SELECT entity, action, COUNT(*) FROM events WHERE ts BETWEEN ? AND ?"
             " AND name = 'CrudActivity' GROUP BY entity, action", span):

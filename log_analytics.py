@@ -87,6 +87,8 @@ SECTIONS: tuple[str, ...] = (
     "login_summary",
     "active_summary",
     "active_daily",
+    "anonymous_summary",
+    "session_summary",
     "crud",
 )
 
@@ -179,6 +181,16 @@ union
     | summarize u = dcountif(UserAuthenticatedId, isnotempty(UserAuthenticatedId)) by d = startofday(TimeGenerated)
     | project section = "active_daily", day = format_datetime(d, 'yyyy-MM-dd'), name = "", type = "", target = "",
         action = "", ['count'] = 0, failed = 0, users = u, avg_ms = real(null),
+        p50_ms = real(null), p95_ms = real(null), p99_ms = real(null)),
+(Evt
+    | summarize u = dcountif(UserId, isnotempty(UserId))
+    | project section = "anonymous_summary", day = "", name = "", type = "", target = "", action = "",
+        ['count'] = 0, failed = 0, users = u, avg_ms = real(null),
+        p50_ms = real(null), p95_ms = real(null), p99_ms = real(null)),
+(Evt
+    | summarize u = dcountif(SessionId, isnotempty(SessionId))
+    | project section = "session_summary", day = "", name = "", type = "", target = "", action = "",
+        ['count'] = 0, failed = 0, users = u, avg_ms = real(null),
         p50_ms = real(null), p95_ms = real(null), p99_ms = real(null)),
 (Evt
     | where Name == "CrudActivity"

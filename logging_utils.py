@@ -2,10 +2,12 @@
 import json
 import math
 import re
-from typing import Annotated, Dict, Union
+import time
+from datetime import datetime
+from typing import Annotated, Dict, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      ValidationError, field_validator)
+                      ValidationError, ValidationInfo, field_validator)
 from pydantic_core import PydanticCustomError
 
 import telemetry
@@ -18,13 +20,25 @@ MAX_VALUE = 8192
 MAX_PROPERTIES_BYTES = 60 * 1024  # Application Insights accepts 64 KB per item; leave room for the envelope.
 RESERVED_EVENT_NAMES = ("UserLogin", "CrudActivity")
 RESERVED_PROPERTIES = ("event_id",)
-# Names and keys: no control characters; names need one visible character. Values: no control
-# characters except tab, newline and carriage return. These patterns are the validation *and*
-# the OpenAPI schema.
-NAME_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
-KEY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+# Names, keys and client ids: no control characters and no invisible or direction-changing ones
+# (zero-width, bidirectional overrides and isolates, BOM, NEL, line and paragraph separators:
+# U+202E makes "\u202egnp.exe" display as "exe.png"); names need one visible character. Values:
+# no control characters except tab, newline and carriage return. These patterns are the
+# validation *and* the OpenAPI schema.
+_HIDDEN = r"\x00-\x1f\x7f\u0085\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2069\ufeff"
+NAME_PATTERN = rf"^[^{_HIDDEN}]*[^\s{_HIDDEN}][^{_HIDDEN}]*$"
+KEY_PATTERN = rf"^[^{_HIDDEN}]+$"
 VALUE_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+# A random (version 4) UUID, as crypto.randomUUID() makes: never the nil UUID, which many clients
+# sending by mistake would collapse into one event.
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
 _KEY_RE = re.compile(KEY_PATTERN)
+_HIDDEN_RE = re.compile(f"[{_HIDDEN}]")
+HIDDEN_MESSAGE = "must not contain control, invisible or direction-changing characters"
+MAX_CLIENT_ID = 128
+# The client's clock is believed from 48 hours back (offline queues) to 5 minutes ahead (skew).
+TIMESTAMP_PAST_S = 48 * 3600
+TIMESTAMP_FUTURE_S = 5 * 60
 
 PropertyValue = Union[StrictBool, StrictInt, StrictFloat,
                       Annotated[StrictStr, Field(max_length=MAX_VALUE, pattern=VALUE_PATTERN)], None]
@@ -43,11 +57,14 @@ class Event(BaseModel):
         default_factory=dict, json_schema_extra=_DETAILS_SCHEMA,
         description="Flat properties; values are sent to Application Insights as strings")]
 
-    @field_validator("event_name")
+    @field_validator("event_name", mode="before")
     @classmethod
-    def _name_is_unicode(cls, value):
-        """Lone surrogates cannot be stored or sent."""
-        _require_utf8(value)
+    def _name_is_visible(cls, value):
+        """Name the rule instead of quoting the pattern; lone surrogates cannot be stored or sent."""
+        if isinstance(value, str):
+            if _HIDDEN_RE.search(value):
+                raise ValueError(HIDDEN_MESSAGE)
+            _require_utf8(value)
         return value
 
     @field_validator("details", mode="before")
@@ -58,7 +75,7 @@ class Event(BaseModel):
             raise ValueError("must be an object")
         for key, item in value.items():
             if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY or not _KEY_RE.match(key):
-                raise ValueError(f"keys must be 1 to {MAX_KEY} characters without control characters")
+                raise ValueError(f"keys must be 1 to {MAX_KEY} characters and {HIDDEN_MESSAGE}")
             if key in RESERVED_PROPERTIES:
                 raise ValueError(f"key {key!r} is reserved")
             if isinstance(item, (dict, list)):
@@ -92,6 +109,19 @@ class PublicEvent(Event):
                                            json_schema_extra={"not": {"enum": list(RESERVED_EVENT_NAMES)}},
                                            description="Event name; UserLogin and CrudActivity are reserved")]
 
+    event_id: Annotated[Optional[StrictStr], Field(
+        default=None, pattern=UUID_PATTERN,
+        description="A client-made random (version 4) UUID: a retried send with the same id is stored once")]
+    timestamp: Annotated[Optional[StrictStr], Field(
+        default=None, max_length=64,
+        description="When it happened, ISO 8601 with a time zone; from 48 hours ago to 5 minutes ahead")]
+    anonymous_id: Annotated[Optional[StrictStr], Field(
+        default=None, min_length=1, max_length=MAX_CLIENT_ID, pattern=KEY_PATTERN,
+        description="The browser's anonymous visitor id (Application Insights' ai.user.id)")]
+    session_id: Annotated[Optional[StrictStr], Field(
+        default=None, min_length=1, max_length=MAX_CLIENT_ID, pattern=KEY_PATTERN,
+        description="The visit's session id (ai.session.id)")]
+
     @field_validator("event_name")
     @classmethod
     def _not_reserved(cls, value):
@@ -99,6 +129,42 @@ class PublicEvent(Event):
         if value in RESERVED_EVENT_NAMES:
             raise ValueError(f"{value!r} is reserved for events the server emits")
         return value
+
+    @field_validator("anonymous_id", "session_id", mode="before")
+    @classmethod
+    def _id_is_visible(cls, value):
+        """Client ids follow the key rule, with its message."""
+        if isinstance(value, str) and _HIDDEN_RE.search(value):
+            raise ValueError(HIDDEN_MESSAGE)
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp_in_range(cls, value, info: ValidationInfo):
+        """ISO 8601 with a zone, within [now - 48 h, now + 5 min] (`now` from the validation context)."""
+        if value is None:
+            return None
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be an ISO 8601 date and time, such as 2026-11-30T09:41:00.000Z") from None
+        if when.tzinfo is None:
+            raise ValueError("must include a time zone (Z or +hh:mm)")
+        now = (info.context or {}).get("now") or time.time()
+        if not now - TIMESTAMP_PAST_S <= when.timestamp() <= now + TIMESTAMP_FUTURE_S:
+            raise ValueError("must be within the last 48 hours and at most 5 minutes ahead of the server's clock")
+        return value
+
+    def epoch(self):
+        """The event's time as epoch seconds: the client's timestamp, else None (now)."""
+        return datetime.fromisoformat(self.timestamp).timestamp() if self.timestamp else None
+
+
+class SingleEvent(PublicEvent):
+    """POST /event's body: one event, and the API key for clients that cannot set headers (beacons)."""
+
+    api_key: Annotated[Optional[StrictStr], Field(
+        default=None, max_length=1024, description="The API key, when the X-Api-Key header cannot be set")]
 
 
 def _require_utf8(text):
@@ -117,16 +183,22 @@ def describe_error(exc):
     return loc, f"{loc}: {err['msg'].removeprefix('Value error, ')}"
 
 
-def record_event(name, properties, user_id="", strict=True):
+def record_event(name, properties, user_id="", strict=True, client=None):
     """Send an already-validated event to the current app's UsageMonitor; returns its event_id.
 
-    When the sink cannot take it: strict raises TelemetryUnavailable (a route answers 503), else
-    None is returned (the monitor has counted and logged the failure).
+    `client` is the PublicEvent a client posted: its event_id, timestamp, anonymous and session
+    ids go with the record. When the sink cannot take it: strict raises TelemetryUnavailable (a
+    route answers 503), else None is returned (the monitor has counted and logged the failure).
     """
     monitor = telemetry.current_monitor()
     props = {k: stringify(v) for k, v in redact(properties, monitor.settings.redact_keys).items()}
     rec = telemetry.EventRecord(name=name, properties=props, user_id=user_id or "",
                                 operation_id=telemetry.current_operation_id())
+    if client is not None:
+        if client.event_id:
+            rec.event_id, rec.client_event_id = client.event_id.lower(), True
+        rec.timestamp = client.epoch() or rec.timestamp
+        rec.anonymous_id, rec.session_id = client.anonymous_id or "", client.session_id or ""
     rec.properties["event_id"] = rec.event_id
     try:
         return monitor.track_event(rec)

@@ -107,6 +107,8 @@ def build_usage(rows, start, end, days, source):
         "users": {
             "logins": int(login.get("count") or 0),
             "unique_users": int(active.get("users") or 0),
+            "anonymous": int(one("anonymous_summary").get("users") or 0),
+            "sessions": int(one("session_summary").get("users") or 0),
             "daily_active": _daily(many("active_daily"), dates, "users"),
         },
         "crud": {

@@ -15,10 +15,11 @@ UNTRACKED_ENDPOINTS = frozenset({"usage_monitor.healthz"})  # health probes
 
 
 def start_request():
-    """Stamp the request with its start time and a fresh operation id."""
+    """Stamp the request with its start time and its operation: the caller's trace (traceparent) or a new one."""
     g.request_started = time.perf_counter()
     g.request_timestamp = time.time()
-    g.operation_id = telemetry.new_trace_id()
+    caller = telemetry.parse_traceparent(request.headers.get("traceparent"))
+    g.operation_id, g.parent_id = caller if caller else (telemetry.new_trace_id(), "")
     g.span_id = telemetry.new_span_id()
 
 
@@ -32,7 +33,7 @@ def finish_request(response):
         method=request.method, route=rule, url=_strip_query(request.base_url),
         status=response.status_code, duration_ms=(time.perf_counter() - started) * 1000.0,
         timestamp=g.request_timestamp, operation_id=g.operation_id, span_id=g.span_id,
-        user_id=g.get("authenticated_user_id", ""))
+        user_id=g.get("authenticated_user_id", ""), parent_id=g.parent_id)
     current_monitor().track_request(record)  # counts and logs its own failures, never raises
     return response
 
@@ -58,6 +59,9 @@ def _tracked_send(session, prepared, **kwargs):
     monitor = monitor_of(current_app) if has_app_context() else None
     if monitor is None or telemetry.is_internal_thread():
         return _original_send(session, prepared, **kwargs)
+    operation_id, span_id = telemetry.current_operation_id(), telemetry.new_span_id()
+    if operation_id and "traceparent" not in prepared.headers:  # the downstream service joins the trace
+        prepared.headers["traceparent"] = telemetry.traceparent(operation_id, span_id)
     started, timestamp = time.perf_counter(), time.time()
     status, result_code = 0, ""
     try:
@@ -73,6 +77,6 @@ def _tracked_send(session, prepared, **kwargs):
             type="HTTP", target=parts.netloc, name=f"{prepared.method} {parts.path or '/'}",
             data=_strip_query(prepared.url), result_code=result_code,
             success=0 < status < 400, duration_ms=(time.perf_counter() - started) * 1000.0,
-            timestamp=timestamp, operation_id=telemetry.current_operation_id(),
+            timestamp=timestamp, operation_id=operation_id, span_id=span_id,
             parent_id=g.get("span_id", ""),
             method=prepared.method or "", status=status))

@@ -25,9 +25,13 @@ def init_app(app, settings):
     if settings.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     if settings.cors_origins:
-        CORS(app, resources={r"/event": {"origins": list(settings.cors_origins)},
-                             r"/dashboard/*": {"origins": list(settings.cors_origins)}},
-             allow_headers=["Content-Type", "Authorization", "X-Api-Key"], max_age=600)
+        # Each route's own methods only; no credentials (the client and beacons need none).
+        origins = list(settings.cors_origins)
+        CORS(app, resources={r"/event": {"origins": origins, "methods": ["POST"]},
+                             r"/events": {"origins": origins, "methods": ["POST"]},
+                             r"/dashboard/*": {"origins": origins, "methods": ["GET"]}},
+             allow_headers=["Content-Type", "Authorization", "X-Api-Key", "traceparent"],
+             expose_headers=["Retry-After"], max_age=600)
     limiter = Limiter(get_remote_address, app=app, storage_uri=settings.rate_limit_storage_uri,
                       enabled=settings.rate_limit_enabled, headers_enabled=True, default_limits=[])
     checks = {}
@@ -67,14 +71,18 @@ def require_dashboard_token(settings):
                            'Bearer realm="dashboard"')
 
 
-def require_event_api_key(settings):
-    """Check `X-Api-Key` against EVENT_API_KEYS when keys are configured."""
+def require_event_api_key(settings, body_key=None):
+    """Check the key against EVENT_API_KEYS when keys are configured: `X-Api-Key`, else the body's `api_key`.
+
+    Beacons cannot set headers, so the body may carry the key; the header wins when both are there.
+    """
     if not settings.event_api_keys:
         return
-    given = request.headers.get("X-Api-Key", "")
+    given = request.headers.get("X-Api-Key") or body_key or ""
     # Compare with every key so the time does not reveal which one matched.
     if not sum(_matches(given, key) for key in settings.event_api_keys):
-        raise Unauthorized("A valid API key is required (X-Api-Key header)", 'ApiKey header="X-Api-Key"')
+        raise Unauthorized("A valid API key is required (X-Api-Key header or api_key in the body)",
+                           'ApiKey header="X-Api-Key"')
 
 
 def redact(properties, redact_keys):

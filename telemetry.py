@@ -2,6 +2,7 @@
 import json
 import logging
 import random
+import re
 import threading
 import time
 import uuid
@@ -25,6 +26,9 @@ class EventRecord:
     event_id: str = field(default_factory=lambda: new_event_id())
     timestamp: float = field(default_factory=time.time)
     operation_id: str = ""
+    anonymous_id: str = ""
+    session_id: str = ""
+    client_event_id: bool = False  # made by the client: a retried send must be stored once
 
 
 @dataclass
@@ -40,6 +44,7 @@ class RequestRecord:
     operation_id: str
     span_id: str
     user_id: str = ""
+    parent_id: str = ""  # the caller's span, from an incoming traceparent
 
     @property
     def name(self):
@@ -68,6 +73,7 @@ class DependencyRecord:
     parent_id: str = ""
     method: str = ""
     status: int = 0
+    span_id: str = field(default_factory=lambda: new_span_id())  # also sent downstream in traceparent
 
 
 _SPELLING = {True: "true", False: "false", None: "null"}
@@ -99,6 +105,25 @@ def new_event_id():
 def new_trace_id():
     """A 32-hex-digit operation (trace) id."""
     return f"{random.getrandbits(128):032x}"
+
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+
+
+def parse_traceparent(value):
+    """(trace id, parent span id) from a W3C traceparent header, or None when it is not valid."""
+    match = _TRACEPARENT.fullmatch(value or "")
+    if match is None:
+        return None
+    version, trace_id, parent_id, _flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest) or trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    return trace_id, parent_id
+
+
+def traceparent(trace_id, span_id):
+    """The W3C traceparent header for an outgoing call (sampled)."""
+    return f"00-{trace_id}-{span_id}-01"
 
 
 def new_span_id():

@@ -1,15 +1,18 @@
 """The service's routes: a module-level Blueprint, its view functions and the JSON error contract."""
 import logging
+import os
 import re
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request, send_from_directory
+from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 import security
 import system_health
-from api_spec import ApiError, ApiSpec, EventAccepted, Health, UsageQuery, UsageReport
+from api_spec import (ApiError, ApiSpec, BatchAccepted, EventAccepted, EventBatch, Health, UsageQuery,
+                      UsageReport)
 from log_analytics import UsageQueryError
-from logging_utils import PublicEvent, record_event
+from logging_utils import PublicEvent, SingleEvent, describe_error, record_event
 from monitoring_utils import UsageSourceUnavailable, get_usage_stats
 from telemetry import TelemetryUnavailable, current_monitor
 
@@ -23,6 +26,7 @@ _SECURITY_SCHEMES = {
     "bearerAuth": {"type": "http", "scheme": "bearer"},
 }
 RETRY_AFTER_UNAVAILABLE = "5"
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
 def init_app(app):
@@ -32,14 +36,17 @@ def init_app(app):
 
 
 # The rate limit of each limited endpoint, checked before the body is read or validated.
-_RATE_LIMITS = {"usage_monitor.post_event": "event", "usage_monitor.dashboard_usage": "dashboard"}
+_RATE_LIMITS = {"usage_monitor.post_event": "event", "usage_monitor.post_events": "event",
+                "usage_monitor.dashboard_usage": "dashboard"}
+_BATCH = "usage_monitor.post_events"
 
 
 @bp.before_request
 def _before():
-    """Our routes only: bodies above MAX_EVENT_BYTES answer 413 (the host keeps its own limit); rate limits."""
+    """Our routes only: body limits (413; the host keeps its own) and rate limits."""
     monitor = current_monitor()
-    request.max_content_length = monitor.settings.max_event_bytes
+    settings = monitor.settings
+    request.max_content_length = settings.max_batch_bytes if request.endpoint == _BATCH else settings.max_event_bytes
     limit = _RATE_LIMITS.get(request.endpoint)
     if limit:
         monitor.check_rate_limit(limit)
@@ -49,17 +56,66 @@ bp.after_request(security.security_headers)
 
 
 @bp.post("/event")
-@spec.operation("/event", "POST", "Record one custom event (asynchronously)", body=PublicEvent,
+@spec.operation("/event", "POST", "Record one custom event (asynchronously)", body=SingleEvent,
                 response=EventAccepted, status=202, errors=(400, 413, 415, 422, 429, 503), security="apiKey")
 def post_event(body):
-    """Accept one custom event from a frontend; it is recorded asynchronously."""
-    security.require_event_api_key(current_monitor().settings)
+    """Accept one custom event from a frontend (JSON, or JSON sent as text/plain by a beacon)."""
+    security.require_event_api_key(current_monitor().settings, body.api_key)
     try:
-        event_id = record_event(body.event_name, body.details)
+        event_id = record_event(body.event_name, body.details, client=body)
     except TelemetryUnavailable as exc:
-        raise ApiError(503, "telemetry_unavailable", f"{exc}; try again later",
-                       headers={"Retry-After": RETRY_AFTER_UNAVAILABLE}) from None
+        raise _unavailable(exc) from None
     return jsonify({"status": "accepted", "event_id": event_id}), 202
+
+
+@bp.post("/events")
+@spec.operation("/events", "POST", "Record a batch of custom events; valid items are recorded even when others fail",
+                body=EventBatch, response=BatchAccepted, status=202, errors=(400, 413, 415, 422, 429, 503),
+                security="apiKey")
+def post_events(body):
+    """Accept 1 to MAX_BATCH_EVENTS events: a 202 lists each item's event_id or why it was refused."""
+    settings = current_monitor().settings
+    security.require_event_api_key(settings, body.api_key)
+    if len(body.events) > settings.max_batch_events:
+        raise ApiError(422, "validation_error", f"events: at most {settings.max_batch_events} items "
+                       "(MAX_BATCH_EVENTS)", field="events")
+    event_ids, errors, unavailable = [], [], None
+    for index, item in enumerate(body.events):
+        event_id = None
+        try:
+            event = PublicEvent.model_validate(item)
+            event_id = record_event(event.event_name, event.details, client=event)
+        except ValidationError as exc:
+            field, message = describe_error(exc)
+            field = f"events[{index}]" + ("" if field == "body" else f".{field}")
+            errors.append({"index": index, "code": "validation_error", "field": field,
+                           "message": f"{field}: {message.partition(': ')[2]}"})
+        except TelemetryUnavailable as exc:
+            unavailable = exc
+            errors.append({"index": index, "code": "telemetry_unavailable", "message": str(exc)})
+        event_ids.append(event_id)
+    accepted = sum(event_id is not None for event_id in event_ids)
+    if not accepted:
+        if unavailable is not None:
+            raise _unavailable(unavailable)
+        first = errors[0]
+        raise ApiError(422, "validation_error", f"no event in the batch is valid; {first['message']}",
+                       field=first["field"], errors=errors)
+    return jsonify({"status": "accepted", "accepted": accepted, "event_ids": event_ids, "errors": errors}), 202
+
+
+def _unavailable(exc):
+    """The 503 of an event the sink cannot take: the client should retry after Retry-After."""
+    return ApiError(503, "telemetry_unavailable", f"{exc}; try again later",
+                    headers={"Retry-After": RETRY_AFTER_UNAVAILABLE})
+
+
+@bp.get("/usage.js")
+def usage_js():
+    """The browser client (static/usage.js), loadable from any origin."""
+    response = send_from_directory(STATIC_DIR, "usage.js", mimetype="text/javascript", max_age=300)
+    response.headers["Cross-Origin-Resource-Policy"] = "cross-origin"
+    return response
 
 
 @bp.get("/dashboard/usage")
@@ -96,11 +152,13 @@ def openapi():
 
 
 # -- the JSON error contract ------------------------------------------------------------------
-def error_response(status, code, message, field=None, headers=None):
-    """The single JSON error body."""
+def error_response(status, code, message, field=None, headers=None, errors=None):
+    """The single JSON error body (`errors`: POST /events' refused items)."""
     body = {"code": code, "message": message}
     if field:
         body["field"] = field
+    if errors:
+        body["errors"] = errors
     response = jsonify({"error": body})
     response.status_code = status
     for name, value in (headers or {}).items():
@@ -110,7 +168,7 @@ def error_response(status, code, message, field=None, headers=None):
 
 @bp.errorhandler(ApiError)
 def _api_error(exc):
-    return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers, exc.errors)
 
 
 @bp.errorhandler(security.Unauthorized)
@@ -124,8 +182,10 @@ def http_error(exc):
     code = re.sub(r"[^a-z0-9]+", "_", (exc.name or "error").lower()).strip("_")
     headers = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "retry-after")}
     if exc.code == 413:
-        limit = current_monitor().settings.max_event_bytes
-        return error_response(413, code, f"The body is larger than {limit} bytes (MAX_EVENT_BYTES)", field="body")
+        settings = current_monitor().settings
+        limit, var = ((settings.max_batch_bytes, "MAX_BATCH_BYTES") if request.endpoint == _BATCH
+                      else (settings.max_event_bytes, "MAX_EVENT_BYTES"))
+        return error_response(413, code, f"The body is larger than {limit} bytes ({var})", field="body")
     if exc.code == 429:
         return error_response(429, "rate_limited", f"Rate limit exceeded ({exc.description})", headers=headers)
     return error_response(exc.code or 500, code, exc.description or exc.name, headers=headers)

@@ -66,7 +66,8 @@ def test_azure_usage_has_the_local_shape_and_the_numbers(azure_client, requests_
     assert body["requests"]["p95_ms"] == 80.0
     assert body["requests"]["top_operations"] == [
         {"name": "GET /items/<int:id>", "count": 12, "failed": 2, "p95_ms": 80.0}]
-    assert body["users"] == {"logins": 3, "unique_users": 2, "daily_active": body["users"]["daily_active"]}
+    assert body["users"] == {"logins": 3, "unique_users": 2, "anonymous": 0, "sessions": 0,
+                             "daily_active": body["users"]["daily_active"]}
     assert len(body["users"]["daily_active"]) == 7
     assert body["crud"]["by_entity"] == [{"entity": "invoice", "create": 0, "read": 0, "update": 2, "delete": 0}]
 
