@@ -19,6 +19,7 @@ def create_app(test_config=None, *, credential=None):
     app.config["DEBUG"] = False  # never from FLASK_DEBUG: the debugger would answer with stack traces
     UsageMonitor(app, credential=credential)
     views.register_json_errors(app)
+    app.add_url_rule("/", view_func=views.redirect_to_dashboard)
     return app
 
 

@@ -3,7 +3,7 @@ import logging
 import os
 import re
 
-from flask import Blueprint, current_app, jsonify, request, send_from_directory
+from flask import Blueprint, current_app, jsonify, redirect, render_template, request, send_from_directory, url_for
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -18,7 +18,8 @@ from telemetry import TelemetryUnavailable, current_monitor
 
 log = logging.getLogger("usage_monitor.service")
 
-bp = Blueprint("usage_monitor", __name__)
+bp = Blueprint("usage_monitor", __name__, static_folder="static", static_url_path="/dashboard/static",
+               template_folder="templates")
 spec = ApiSpec("Usage monitoring backend", "1.0.0")
 
 _SECURITY_SCHEMES = {
@@ -26,6 +27,9 @@ _SECURITY_SCHEMES = {
     "bearerAuth": {"type": "http", "scheme": "bearer"},
 }
 RETRY_AFTER_UNAVAILABLE = "5"
+# The dashboard page: its own scripts and styles only, no inline code, nothing from elsewhere.
+DASHBOARD_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                 "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
@@ -108,6 +112,19 @@ def _unavailable(exc):
     """The 503 of an event the sink cannot take: the client should retry after Retry-After."""
     return ApiError(503, "telemetry_unavailable", f"{exc}; try again later",
                     headers={"Retry-After": RETRY_AFTER_UNAVAILABLE})
+
+
+@bp.get("/dashboard")
+def dashboard():
+    """The dashboard page: it fetches /dashboard/usage itself (with the token the user types, if one is set)."""
+    response = current_app.make_response(render_template("usage_monitor/dashboard.html"))
+    response.headers["Content-Security-Policy"] = DASHBOARD_CSP
+    return response
+
+
+def redirect_to_dashboard():
+    """`/` in create_app()'s own app (a host app keeps its own `/`)."""
+    return redirect(url_for("usage_monitor.dashboard"))
 
 
 @bp.get("/usage.js")
