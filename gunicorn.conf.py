@@ -2,7 +2,8 @@
 import logging
 import os
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+# 127.0.0.1 by default: production puts nginx in front (deploy/nginx.conf); HOST=0.0.0.0 in a container.
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
@@ -27,8 +28,13 @@ def _monitor(worker):
 def post_worker_init(worker):
     """Start this worker's telemetry (exporters, threads) after fork, before its first request."""
     monitor = _monitor(worker)
-    if monitor is not None:
-        monitor.start()
+    if monitor is None:
+        return
+    monitor.start()
+    if worker.age == 1:  # the first worker speaks for the server, once
+        import security
+        for line in security.startup_warnings(monitor.settings, worker.cfg.workers):
+            logging.getLogger("gunicorn.error").warning(line)
 
 
 def worker_exit(server, worker):

@@ -41,6 +41,19 @@ def init_app(app, settings):
     return limiter, checks
 
 
+def startup_warnings(settings, workers):
+    """The lines an operator must see once at start: a trusted proxy hop, limits counted per worker."""
+    lines = []
+    if settings.trusted_proxies:
+        lines.append(f"TRUSTED_PROXIES={settings.trusted_proxies}: the client address (rate limits) is taken from "
+                     f"the last {settings.trusted_proxies} X-Forwarded-For entries; right only behind exactly that "
+                     "many proxies that set the header (deploy/nginx.conf), otherwise any client picks its address")
+    if settings.rate_limit_enabled and settings.rate_limit_storage_uri.startswith("memory://") and workers > 1:
+        lines.append(f"RATE_LIMIT_STORAGE_URI=memory:// counts per worker: with {workers} workers a limit lets up to "
+                     f"{workers} times as many requests through; use a shared store such as redis://127.0.0.1:6379/0")
+    return lines
+
+
 def _event_limit():
     """The callable EVENT_RATE_LIMIT is declared on; calling its limiter wrapper checks the request."""
 
