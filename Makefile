@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: run test install clean
 
-install: $(VENV)/.installed tests/kql/node_modules/.installed
+install: $(VENV)/.installed tests/kql/node_modules/.installed tests/js/node_modules/.installed system-packages
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,25 @@ tests/kql/node_modules/.installed: tests/kql/package.json tests/kql/package-lock
 	npm ci --prefix tests/kql --no-audit --no-fund
 	touch $@
 
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund
+	touch $@
+
+# Debian packages the tests drive for real, installed when missing (as root, like CI): headless
+# Chromium and its driver (browser tests), nginx and redis-server (tests/test_production.py).
+# Elsewhere the browser tests skip and say why; the production test fails naming what is missing.
+SYSTEM_PACKAGES := chromium:chromium chromedriver:chromium-driver nginx:nginx redis-server:redis-server
+.PHONY: system-packages
+system-packages:
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v "$${pair%%:*}" >/dev/null || [ -x "/usr/sbin/$${pair%%:*}" ] || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (apt-get install$$missing)"; fi; \
+	fi
+
 run: $(VENV)/.installed
 	$(BIN)/flask --app app run --host 127.0.0.1 --port $(PORT)
 
@@ -28,7 +47,7 @@ test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf .venv .venv-* tests/kql/node_modules .pytest_cache
+	rm -rf .venv .venv-* tests/kql/node_modules tests/js/node_modules .pytest_cache
 
 # `make bench`: every benchmark on 127.0.0.1 (gunicorn + wrk; wrk comes from Debian's packages and is
 # installed when missing), about 10 minutes; writes bench/RESULTS.md and bench/results.json.

@@ -52,7 +52,7 @@ def _before():
     settings = monitor.settings
     request.max_content_length = settings.max_batch_bytes if request.endpoint == _BATCH else settings.max_event_bytes
     limit = _RATE_LIMITS.get(request.endpoint)
-    if limit:
+    if limit and request.method != "OPTIONS":  # a CORS preflight is not a use: a 429 on it would hide Retry-After
         monitor.check_rate_limit(limit)
 
 

@@ -238,7 +238,7 @@ def test_body_at_max_event_bytes_is_accepted(small_app):
 
 # -- routing errors ---------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/nope", "/event/extra", "/dashboard"])
+@pytest.mark.parametrize("path", ["/nope", "/event/extra", "/dashboards"])
 def test_unknown_route_is_404_json(client, path):
     err = _assert_error(client.get(path), 404)
     assert err["code"] == "not_found"

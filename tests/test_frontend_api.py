@@ -347,3 +347,19 @@ def test_trace_context_and_client_fields_at_the_azure_wire(tmp_path, downstream)
     finally:
         monitor_of(application).close()
         fake.stop()
+
+
+def test_a_cors_preflight_does_not_use_up_the_rate_limit(tmp_path):
+    application = create_app({"TESTING": True, "TELEMETRY_DB": str(tmp_path / "p.db"), "CORS_ORIGINS": "http://shop.example",
+                              "RATE_LIMIT_ENABLED": "true", "EVENT_RATE_LIMIT": "2 per minute"})
+    client = application.test_client()
+    try:
+        for _ in range(4):
+            preflight = client.options("/events", headers={"Origin": "http://shop.example",
+                                                           "Access-Control-Request-Method": "POST"})
+            assert preflight.status_code == 200
+            assert "Retry-After" not in preflight.headers and "X-RateLimit-Limit" not in preflight.headers
+        statuses = [client.post("/events", json={"events": [{"event_name": "x"}]}).status_code for _ in range(3)]
+        assert statuses == [202, 202, 429]
+    finally:
+        monitor_of(application).close()

@@ -1,0 +1,347 @@
+"""static/usage.js in a real headless Chromium, against the real service on 127.0.0.1.
+
+The page comes from another origin (another port) and loads `<service>/usage.js`, as a customer's
+site would. Each scenario counts event ids in the service's SQLite store; the `Wire` middleware
+(browser_harness.py) records what reached the wire (a beacon is the text/plain POST) and injects
+503/429 answers. Tests skip only when Chromium cannot be found or started.
+"""
+import datetime
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from browser_harness import PageServer, ServiceThread, console, start_chromium, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USAGE_JS = os.path.join(ROOT, "static", "usage.js")
+JS_TOOLS = os.path.join(ROOT, "tests", "js")
+KEY = "browser-test-key"
+TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-01$")
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+MAX_MINIFIED_BYTES = 5 * 1024
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """One headless Chromium for the module; each test gets a fresh page origin (fresh storage)."""
+    try:
+        browser = start_chromium()
+    except RuntimeError as exc:
+        pytest.skip(f"no usable Chromium: {exc}")
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture
+def make_site(tmp_path, driver):
+    """make_site(**settings): the page server (its own origin) and the service allowing that origin."""
+    made = []
+
+    def make(**settings):
+        page = PageServer(None, KEY)
+        service = ServiceThread(tmp_path / f"telemetry{len(made)}.db", page.origin, KEY, **settings)
+        page.service_url = service.url
+        made.append((page, service))
+        return page, service
+
+    yield make
+    try:
+        driver.get("about:blank")  # unload the page before its service goes away
+    finally:
+        for page, service in made:
+            page.close()
+            service.close()
+
+
+@pytest.fixture
+def site(make_site):
+    """The page server and the service, with the rate limits off."""
+    return make_site()
+
+
+def _open(driver, page, **options):
+    driver.get(page.url(**options))
+    wait_for(lambda: driver.execute_script("return !!window.Usage"), message="usage.js to load")
+
+
+def _queue(driver, service):
+    """The events usage.js keeps in localStorage (unsent or in flight)."""
+    return driver.execute_script("return JSON.parse(localStorage.getItem(arguments[0]) || '[]')",
+                                 "usage.queue:" + service.url)
+
+
+def _stored_ids(service, name):
+    return [e["event_id"] for e in service.events(name)]
+
+
+def _wait_stored(service, driver, name, count, timeout=10.0):
+    """Wait until `count` events named `name` are stored; the browser console explains a timeout."""
+    try:
+        return wait_for(lambda: len(service.events(name)) >= count and service.events(name), timeout,
+                        message=f"{count} {name} events in the store")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; stored {len(service.events(name))}; wire {service.wire.requests}; "
+                             f"console:\n{console(driver)}") from None
+
+
+def _track(driver, name, count, extra=None):
+    """Track `count` events from the page; returns their event ids in order."""
+    return driver.execute_script(
+        "var ids = []; for (var i = 0; i < arguments[1]; i++) "
+        "ids.push(Usage.track(arguments[0], Object.assign({n: i}, arguments[2]))); return ids;",
+        name, count, extra or {})
+
+
+def _wire_ids(requests):
+    return [event_id for r in requests for event_id in r["event_ids"]]
+
+
+def test_unload_sends_the_last_events_by_beacon_each_event_once(driver, site):
+    page, service = site
+    _open(driver, page, flushInterval=600000, maxBatch=8)
+    ids = _track(driver, "Clicked", 20)
+    assert len(set(ids)) == 20 and all(UUID4.match(i) for i in ids)
+
+    # Two full batches of 8 go by fetch at once; the last 4 wait for the (long) interval.
+    _wait_stored(service, driver, "Clicked", 16)
+    assert sorted(_stored_ids(service, "Clicked")) == sorted(ids[:16])
+    wait_for(lambda: [e["event_id"] for e in _queue(driver, service)] == ids[16:], message="4 events left")
+
+    driver.get(page.url("/other"))  # pagehide: the rest goes by sendBeacon
+    stored = _wait_stored(service, driver, "Clicked", 20)
+    assert sorted(e["event_id"] for e in stored) == sorted(ids), "all 20, each stored once"
+
+    fetches = [r for r in service.wire.posts() if r["content_type"].startswith("application/json")]
+    beacons = [r for r in service.wire.posts() if r["content_type"].startswith("text/plain")]
+    assert [r["event_ids"] for r in fetches] == [ids[:8], ids[8:16]]
+    assert _wire_ids(beacons) == ids[16:], "the last 4 by beacon"
+    assert sorted(_wire_ids(service.wire.posts())) == sorted(ids), "each event on the wire exactly once"
+    assert all(r["status"] == 202 for r in service.wire.posts())
+    assert all(TRACEPARENT.match(r["traceparent"] or "") for r in fetches), "fetch requests carry a traceparent"
+    assert len({r["traceparent"][3:35] for r in fetches}) == 2, "a fresh trace id per request"
+    operation = {e["event_id"]: e["operation_id"] for e in stored}
+    for request in fetches:
+        assert {operation[i] for i in request["event_ids"]} == {request["traceparent"][3:35]}, \
+            "the service joins the events to the client's trace"
+    assert all(r["header_key"] == KEY for r in fetches) and all(r["body_key"] == KEY for r in beacons)
+    assert len({(e["anonymous_id"], e["session_id"]) for e in stored}) == 1
+    assert all(UUID4.match(e["anonymous_id"]) and UUID4.match(e["session_id"]) for e in stored)
+    assert sorted(int(json.loads(e["properties"])["n"]) for e in stored) == list(range(20))
+
+
+def test_unload_during_a_fetch_leaves_it_to_keepalive_without_a_duplicate_beacon(driver, site):
+    page, service = site
+    service.wire.delays = [1.0]  # the first batch is on the wire while the page unloads
+    _open(driver, page, flushInterval=600000, maxBatch=5)
+    ids = _track(driver, "InFlight", 7)
+    wait_for(lambda: service.wire.posts(), message="the first batch on the wire")
+    driver.get(page.url("/other"))
+
+    stored = _wait_stored(service, driver, "InFlight", 7)
+    assert sorted(e["event_id"] for e in stored) == sorted(ids)
+    posts = service.wire.posts()
+    assert [(r["content_type"].split(";")[0], r["event_ids"]) for r in posts] == [
+        ("application/json", ids[:5]), ("text/plain", ids[5:])], "the in-flight batch is not sent again"
+
+
+def _iso_to_epoch(text):
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_offline_events_survive_a_reload_and_arrive_once_with_their_timestamps(driver, site):
+    page, service = site
+    _open(driver, page, flushInterval=100)
+    driver.execute_cdp_cmd("Network.enable", {})
+    try:
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+        wait_for(lambda: driver.execute_script("return navigator.onLine === false"), message="navigator.onLine false")
+        ids = _track(driver, "OfflineClick", 10)
+        recorded = {e["event_id"]: e["timestamp"] for e in _queue(driver, service)}
+        assert sorted(recorded) == sorted(ids)
+        time.sleep(0.5)  # five flush intervals while offline
+        assert service.events("OfflineClick") == [] and service.wire.posts() == []
+
+        driver.refresh()  # still offline: the page unloads (no beacon: it would be lost) and fails to load
+        # Leave Chromium's error page, which reloads by itself once online (this test reloads itself).
+        driver.get("about:blank")
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    finally:
+        driver.execute_cdp_cmd("Network.disable", {})
+    _open(driver, page, flushInterval=100)  # back online: init resumes sending what the first visit stored
+
+    stored = _wait_stored(service, driver, "OfflineClick", 10)
+    assert sorted(e["event_id"] for e in stored) == sorted(ids), "all 10, each once"
+    assert sorted(_wire_ids(service.wire.posts())) == sorted(ids), "sent once, after the reload"
+    for event in stored:
+        assert event["ts"] == pytest.approx(_iso_to_epoch(recorded[event["event_id"]]), abs=0.002), \
+            "ts is the time the page tracked the event"
+    wait_for(lambda: _queue(driver, service) == [], message="an empty localStorage queue")
+
+
+def test_503_and_429_are_retried_after_retry_after_without_loss_or_duplicates(driver, site):
+    page, service = site
+    service.wire.faults = [(503, 1), (503, 1), (429, 1), (429, 1)]
+    _open(driver, page, flushInterval=100, maxBatch=5)
+    ids = _track(driver, "Retried", 12)
+
+    stored = _wait_stored(service, driver, "Retried", 12, timeout=20)
+    assert sorted(e["event_id"] for e in stored) == sorted(ids), "nothing lost, nothing stored twice"
+    faulted = service.wire.posts(faulted=True)
+    assert [r["status"] for r in faulted] == [503, 503, 429, 429]
+    assert all(r["event_ids"] == faulted[0]["event_ids"] for r in faulted), "the same batch, the same event ids"
+    gaps = [b["time"] - a["time"] for a, b in zip(faulted, faulted[1:] + service.wire.posts(faulted=False)[:1])]
+    assert all(gap >= 0.9 for gap in gaps), f"each retry waits Retry-After (1 s): {gaps}"
+    passed = service.wire.posts(faulted=False)
+    assert sorted(_wire_ids(passed)) == sorted(ids), "each event reached the service once"
+    assert all(r["status"] == 202 for r in passed)
+
+
+def test_the_services_own_rate_limit_is_honoured(driver, make_site):
+    page, service = make_site(RATE_LIMIT_ENABLED="true", EVENT_RATE_LIMIT="1 per 1 second")
+    _open(driver, page, flushInterval=100, maxBatch=5)
+    ids = _track(driver, "Limited", 20)
+
+    stored = _wait_stored(service, driver, "Limited", 20, timeout=20)
+    assert sorted(e["event_id"] for e in stored) == sorted(ids)
+    posts = service.wire.posts()
+    limited = [r for r in posts if r["status"] == 429]
+    assert limited, f"the limit was reached: {[r['status'] for r in posts]}"
+    for refused in limited:
+        retried = next(r for r in posts if r["time"] > refused["time"])
+        assert retried["time"] - refused["time"] >= int(refused["retry_after"]) - 0.1, "Retry-After honoured"
+    assert sorted(_wire_ids(r for r in posts if r["status"] == 202)) == sorted(ids)
+
+
+def test_network_errors_are_retried_with_backoff(driver, site):
+    page, service = site
+    _open(driver, page, flushInterval=600000)
+    driver.execute_cdp_cmd("Network.enable", {})
+    try:  # the service is unreachable while navigator.onLine stays true: fetch fails, the client backs off
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": [service.url + "/events"]})
+        ids = _track(driver, "Unreachable", 3)
+        driver.execute_script("Usage.flush()")
+        wait_for(lambda: "retrying in" in (logs := console(driver)) and logs, message="a failed fetch, retry planned")
+        assert service.wire.posts() == [] and [e["event_id"] for e in _queue(driver, service)] == ids
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    finally:
+        driver.execute_cdp_cmd("Network.disable", {})
+    stored = _wait_stored(service, driver, "Unreachable", 3, timeout=5)  # the first retry: 0.5-1 s
+    assert sorted(e["event_id"] for e in stored) == sorted(ids)
+    assert sorted(_wire_ids(service.wire.posts())) == sorted(ids)
+
+
+def test_coming_back_online_sends_at_once(driver, site):
+    page, service = site
+    _open(driver, page, flushInterval=600000)
+    driver.execute_cdp_cmd("Network.enable", {})
+    try:
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+        ids = _track(driver, "BackOnline", 3)
+        driver.execute_script("Usage.flush()")  # offline: nothing is attempted
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    finally:
+        driver.execute_cdp_cmd("Network.disable", {})
+    stored = _wait_stored(service, driver, "BackOnline", 3, timeout=5)  # the `online` event, not the interval
+    assert sorted(e["event_id"] for e in stored) == sorted(ids)
+    assert [r["event_ids"] for r in service.wire.posts()] == [ids]
+
+
+def test_the_queue_is_bounded_and_the_session_renews_after_30_idle_minutes(driver, site):
+    page, service = site
+    _open(driver, page, flushInterval=600000, maxBatch=100, maxQueue=5)
+    ids = _track(driver, "Bounded", 8)
+    assert [e["event_id"] for e in _queue(driver, service)] == ids[3:], "the 3 oldest dropped"
+    # 31 minutes without an event: the next one starts a new session (same anonymous id).
+    driver.execute_script("var s = JSON.parse(sessionStorage.getItem('usage.session'));"
+                          "s.last -= 31 * 60 * 1000; sessionStorage.setItem('usage.session', JSON.stringify(s));")
+    later = _track(driver, "Later", 1)
+    driver.execute_script("Usage.flush()")
+    stored = _wait_stored(service, driver, "Bounded", 4) + _wait_stored(service, driver, "Later", 1)
+    assert sorted(e["event_id"] for e in stored) == sorted(ids[4:] + later), "maxQueue 5 holds the newest 5"
+    sessions = {e["name"]: e["session_id"] for e in stored}
+    assert sessions["Bounded"] != sessions["Later"]
+    assert len({e["anonymous_id"] for e in stored}) == 1
+
+
+def test_a_raw_beacon_to_event_is_recorded(driver, site):
+    page, service = site
+    _open(driver, page)
+    sent = driver.execute_script(
+        "return navigator.sendBeacon(arguments[0] + '/event', JSON.stringify({event_name: 'Raw', "
+        "details: {via: 'beacon'}, api_key: arguments[1]}))", service.url, KEY)
+    assert sent is True
+    stored = _wait_stored(service, driver, "Raw", 1)
+    assert [json.loads(e["properties"]).get("via") for e in stored] == ["beacon"]
+    (request,) = service.wire.posts("/event")
+    assert request["content_type"].startswith("text/plain") and request["status"] == 202
+
+
+def test_page_views_follow_spa_history_changes(driver, site):
+    page, service = site
+    _open(driver, page, flushInterval=100, pageViews=True)
+    first = driver.execute_script("return location.pathname + location.search")
+    driver.execute_script("history.pushState({}, '', '/spa/a?x=1');"
+                          "history.replaceState({}, '', '/spa/a?x=1#top');"  # same page: no view
+                          "history.pushState({}, '', '/spa/b');")
+    driver.back()  # popstate, back to /spa/a?x=1#top
+    wait_for(lambda: driver.execute_script("return location.pathname") == "/spa/a", message="popstate")
+    _wait_stored(service, driver, "PageView", 4)
+    views = [(json.loads(e["properties"])["page"], json.loads(e["properties"])["referrer"])
+             for e in service.events("PageView")]
+    assert views == [(first, ""), ("/spa/a?x=1", page.origin + first), ("/spa/b", page.origin + "/spa/a?x=1#top"),
+                     ("/spa/a?x=1", page.origin + "/spa/b")]
+
+
+def test_wrong_calls_never_throw_into_the_page(driver, site):
+    page, service = site
+    _open(driver, page, flushInterval=100)
+    errors = driver.execute_script("""
+        var errors = [];
+        function attempt(f) { try { f(); } catch (e) { errors.push(String(e)); } }
+        attempt(function () { Usage.track(); });
+        attempt(function () { Usage.track(42, 'x'); });
+        attempt(function () { Usage.init({endpoint: 'http://127.0.0.1:9'}); });  // ignored: already initialised
+        attempt(function () { Usage.track('Nested', {ok: 1, nested: {a: 1}, list: [1], f: function () {}}); });
+        attempt(function () { Usage.flush(); });
+        return errors;""")
+    assert errors == []
+    stored = _wait_stored(service, driver, "Nested", 1)
+    properties = json.loads(stored[0]["properties"])
+    assert properties.pop("event_id") == stored[0]["event_id"]
+    assert properties == {"ok": "1"}, "values that are not flat scalars are left out"
+    assert {r["path"] for r in service.wire.requests} == {"/events"}
+
+
+def test_a_refused_batch_is_dropped_not_retried(driver, site):
+    page, service = site
+    _open(driver, page, apiKey="wrong-key", flushInterval=100)
+    _track(driver, "Refused", 3)
+    wait_for(lambda: service.wire.posts() and _queue(driver, service) == [], message="the refused batch dropped")
+    time.sleep(0.3)  # three more flush intervals
+    assert [r["status"] for r in service.wire.posts()] == [401], "dropped after one 401, never retried"
+    assert service.events("Refused") == []
+
+
+def test_usage_js_is_served_cross_origin_and_under_5_kb_minified(client):
+    response = client.get("/usage.js")
+    with open(USAGE_JS, "rb") as f:
+        source = f.read()
+    assert response.status_code == 200 and response.data == source
+    assert "javascript" in response.mimetype
+    assert response.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
+    assert response.headers.get("ETag")
+
+    terser = os.path.join(JS_TOOLS, "node_modules", ".bin", "terser")
+    assert os.path.exists(terser), "terser is missing: run `make install` (npm ci --prefix tests/js)"
+    minified = subprocess.run([terser, USAGE_JS, "--compress", "--mangle"], capture_output=True, check=True,
+                              timeout=60).stdout
+    print(f"usage.js: {len(source)} bytes, {len(minified)} bytes minified")
+    assert len(minified) < MAX_MINIFIED_BYTES, f"usage.js is {len(minified)} bytes minified"
