@@ -104,6 +104,11 @@ class DailyFailed(DailyCount):
     failed: int
 
 
+class DailyRequests(DailyFailed):
+    avg_ms: Annotated[Ms, Field(description="Mean duration that day; null without requests")]
+    p95_ms: Annotated[Ms, Field(description="95th percentile duration that day; null without requests")]
+
+
 class DailyUsers(BaseModel):
     date: str
     users: int
@@ -143,7 +148,7 @@ class RequestStats(BaseModel):
     p50_ms: Ms
     p95_ms: Ms
     p99_ms: Ms
-    daily: List[DailyFailed]
+    daily: List[DailyRequests]
     top_operations: List[TopOperation]
 
 

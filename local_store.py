@@ -30,6 +30,7 @@ or last), else interpolated between the bucket's smallest and largest duration, 
 by less than 4.4 % of the value at worst.
 """
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -677,9 +678,14 @@ def _rollup_usage_rows(conn, d0, d1, top, users="last"):
     p50, p95, p99 = _percentiles(hist, (0.50, 0.95, 0.99))
     yield _row("req_summary", count=total, failed=failed, avg_ms=_avg(sum_ms, total),
                p50_ms=p50, p95_ms=p95, p99_ms=p99)
-    for day, count, failed in conn.execute(
-            "SELECT day, SUM(n), SUM(failed) FROM req_day WHERE day BETWEEN ? AND ? GROUP BY day", days):
-        yield _row("req_daily", day=day, count=count, failed=failed)
+    p95_by_day = {day: _percentiles([(n, lo, hi) for _, n, lo, hi in buckets], (0.95,))[0]
+                  for day, buckets in itertools.groupby(conn.execute(
+                      "SELECT day, n, min_ms, max_ms FROM req_hist_all WHERE day BETWEEN ? AND ?"
+                      " ORDER BY day, bucket", days), key=lambda r: r[0])}
+    for day, count, failed, sum_ms in conn.execute(
+            "SELECT day, SUM(n), SUM(failed), SUM(sum_ms) FROM req_day WHERE day BETWEEN ? AND ? GROUP BY day", days):
+        yield _row("req_daily", day=day, count=count, failed=failed, avg_ms=_avg(sum_ms, count),
+                   p95_ms=p95_by_day.get(day))
     top_ops = conn.execute(
         "SELECT name, SUM(n), SUM(failed) FROM req_day WHERE day BETWEEN ? AND ?"
         " GROUP BY name ORDER BY SUM(n) DESC, name LIMIT ?", days + (top,)).fetchall()
@@ -751,7 +757,7 @@ def _percentile_sql(p):
 def _raw_usage_rows(conn, t0, t1, top):
     """Yield the usage section rows from SQL over the three raw tables (any window; exact)."""
     span = (t0, t1)
-    ranked = ("WITH r AS (SELECT name, duration_ms, success,"
+    ranked = ("WITH r AS (SELECT day, name, duration_ms, success,"
               " ROW_NUMBER() OVER (PARTITION BY {part} ORDER BY duration_ms) AS rn,"
               " COUNT(*) OVER (PARTITION BY {part}) AS n"
               " FROM requests WHERE ts BETWEEN ? AND ?) ")
@@ -759,10 +765,10 @@ def _raw_usage_rows(conn, t0, t1, top):
          + ", ".join(_percentile_sql(p) for p in (0.50, 0.95, 0.99)) + " FROM r")
     total, failed, avg, p50, p95, p99 = conn.execute(q, span).fetchone()
     yield _row("req_summary", count=total, failed=failed, avg_ms=avg, p50_ms=p50, p95_ms=p95, p99_ms=p99)
-    for day, count, failed in conn.execute(
-            "SELECT day, COUNT(*), SUM(success = 0) FROM requests WHERE ts BETWEEN ? AND ?"
-            " GROUP BY day", span):
-        yield _row("req_daily", day=day, count=count, failed=failed)
+    q = (ranked.format(part="day") + "SELECT day, COUNT(*), SUM(success = 0), AVG(duration_ms), "
+         + _percentile_sql(0.95) + " FROM r GROUP BY day")
+    for day, count, failed, avg, p95 in conn.execute(q, span):
+        yield _row("req_daily", day=day, count=count, failed=failed, avg_ms=avg, p95_ms=p95)
     q = (ranked.format(part="name") + "SELECT name, COUNT(*), SUM(success = 0), "
          + _percentile_sql(0.95) + " FROM r GROUP BY name ORDER BY COUNT(*) DESC, name LIMIT ?")
     for name, count, failed, p95 in conn.execute(q, span + (top,)):

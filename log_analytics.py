@@ -119,10 +119,11 @@ union
         ['count'] = n, failed = f, users = 0, avg_ms = iff(n > 0, w / n, real(null)),
         p50_ms = p50, p95_ms = p95, p99_ms = p99),
 (Req
-    | summarize n = sum(ItemCount), f = sumif(ItemCount, Success == false) by d = startofday(TimeGenerated)
+    | summarize n = sum(ItemCount), f = sumif(ItemCount, Success == false), w = sum(DurationMs * ItemCount),
+        p95 = percentilew(DurationMs, ItemCount, 95) by d = startofday(TimeGenerated)
     | project section = "req_daily", day = format_datetime(d, 'yyyy-MM-dd'), name = "", type = "", target = "",
-        action = "", ['count'] = n, failed = f, users = 0, avg_ms = real(null),
-        p50_ms = real(null), p95_ms = real(null), p99_ms = real(null)),
+        action = "", ['count'] = n, failed = f, users = 0, avg_ms = iff(n > 0, w / n, real(null)),
+        p50_ms = real(null), p95_ms = p95, p99_ms = real(null)),
 (Req
     | summarize n = sum(ItemCount), f = sumif(ItemCount, Success == false),
         p95 = percentilew(DurationMs, ItemCount, 95) by Name

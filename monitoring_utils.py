@@ -37,13 +37,15 @@ def _num(value):
     return None if value is None else round(float(value), 3)
 
 
-def _daily(rows, dates, *fields):
-    """One zero-filled entry per date, oldest first."""
+def _daily(rows, dates, *fields, ms=()):
+    """One zero-filled entry per date, oldest first; the `ms` latency fields are null on a day without data."""
     by_day = {r["day"]: r for r in rows}
     out = []
     for date in dates:
         row = by_day.get(date, {})
-        out.append({"date": date, **{f: int(row.get(f) or 0) for f in fields}})
+        entry = {"date": date, **{f: int(row.get(f) or 0) for f in fields}}
+        entry.update({f: _num(row.get(f)) for f in ms})
+        out.append(entry)
     return out
 
 
@@ -83,7 +85,7 @@ def build_usage(rows, start, end, days, source):
             "p50_ms": _num(req.get("p50_ms")),
             "p95_ms": _num(req.get("p95_ms")),
             "p99_ms": _num(req.get("p99_ms")),
-            "daily": _daily(many("req_daily"), dates, "count", "failed"),
+            "daily": _daily(many("req_daily"), dates, "count", "failed", ms=("avg_ms", "p95_ms")),
             "top_operations": [
                 {"name": r["name"], "count": int(r["count"]), "failed": int(r["failed"] or 0),
                  "p95_ms": _num(r["p95_ms"])} for r in many("req_top")],

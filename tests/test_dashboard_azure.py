@@ -1,6 +1,7 @@
 """/dashboard/usage in Azure mode: the real LogsQueryClient against requests-mock replies."""
 import json
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from azure.core.credentials import AccessToken
@@ -87,6 +88,29 @@ def test_azure_usage_has_the_local_shape_and_the_numbers(azure_client, requests_
     sent = requests_mock.request_history[0]
     assert sent.headers["Authorization"] == "Bearer test-token"
     assert kql_errors([json.loads(sent.body)["query"]]) == [[]]
+
+
+def test_azure_daily_request_latency_is_mapped(azure_client, requests_mock):
+    """req_daily rows' avg_ms/p95_ms land on their own day, rounded; days without a row are null."""
+    today = datetime.now(timezone.utc).date()
+    yesterday = (today - timedelta(days=1)).isoformat()
+    requests_mock.post(URL, json=_tables([
+        _row("req_summary", count=14, failed=1, avg_ms=30.0, p50_ms=20.0, p95_ms=90.0, p99_ms=99.0),
+        _row("req_daily", day=yesterday, count=10, failed=1, avg_ms=12.34567, p95_ms=80.0004),
+        _row("req_daily", day=today.isoformat(), count=4, failed=0, avg_ms=75, p95_ms=None),
+    ]))
+    body = azure_client.get("/dashboard/usage?days=7").get_json()
+    daily = body["requests"]["daily"]
+    assert [d["date"] for d in daily][-2:] == [yesterday, today.isoformat()]
+    assert daily[-2] == {"date": yesterday, "count": 10, "failed": 1, "avg_ms": 12.346, "p95_ms": 80.0}
+    assert daily[-1] == {"date": today.isoformat(), "count": 4, "failed": 0, "avg_ms": 75.0, "p95_ms": None}
+    assert all(d == {"date": d["date"], "count": 0, "failed": 0, "avg_ms": None, "p95_ms": None}
+               for d in daily[:-2])
+    # The query asks Log Analytics for both figures per day.
+    query = json.loads(requests_mock.request_history[0].body)["query"]
+    daily_section = query.split('section = "req_daily"')[0].rsplit("(Req", 1)[1]
+    assert "percentilew(DurationMs, ItemCount, 95) by d = startofday(TimeGenerated)" in daily_section
+    assert "w = sum(DurationMs * ItemCount)" in daily_section
 
 
 def test_azure_usage_is_cached(azure_client, requests_mock):

@@ -11,8 +11,10 @@ import pytest
 import requests
 from flask import jsonify, request
 
+import local_store
 from app import create_app
 from local_store import _SCHEMA
+from monitoring_utils import get_usage_stats
 from usage_tracking import log_crud_activity, log_user_login
 from telemetry import monitor_of
 
@@ -63,18 +65,28 @@ def _by_date(daily):
     return {entry["date"]: entry for entry in daily}
 
 
+def _counts(entry):
+    """A daily entry without its latency fields (requests.daily has avg_ms and p95_ms)."""
+    return {k: v for k, v in entry.items() if k not in ("avg_ms", "p95_ms")}
+
+
 def _assert_daily_shape(doc, days):
     """Every daily list: `days` consecutive dates ending today (UTC), zero-filled."""
     today = _today()
     expected = [(today - timedelta(days=days - 1 - i)).isoformat() for i in range(days)]
-    for daily, fields in ((doc["requests"]["daily"], {"date", "count", "failed"}),
+    latency = {"avg_ms", "p95_ms"}
+    for daily, fields in ((doc["requests"]["daily"], {"date", "count", "failed"} | latency),
                           (doc["dependencies"]["daily"], {"date", "count", "failed"}),
                           (doc["events"]["daily"], {"date", "count"}),
                           (doc["users"]["daily_active"], {"date", "users"})):
         assert [entry["date"] for entry in daily] == expected
         for entry in daily:
             assert set(entry) == fields
-            assert all(isinstance(entry[f], int) and entry[f] >= 0 for f in fields - {"date"})
+            assert all(isinstance(entry[f], int) and entry[f] >= 0 for f in fields - {"date"} - latency)
+    for entry in doc["requests"]["daily"]:  # latencies: null exactly on the days without requests
+        for f in latency:
+            assert (entry[f] is None) == (entry["count"] == 0)
+            assert entry[f] is None or (isinstance(entry[f], float) and entry[f] >= 0)
 
 
 def _assert_envelope(doc, days):
@@ -167,7 +179,8 @@ def test_dashboard_counts_everything_exactly(app, client):
     assert 0 <= req["p50_ms"] <= req["p95_ms"] <= req["p99_ms"]
     assert req["avg_ms"] > 0
     daily = _by_date(req["daily"])
-    assert daily[today] == {"date": today, "count": 10, "failed": 1}
+    assert _counts(daily[today]) == {"date": today, "count": 10, "failed": 1}
+    assert 0 < daily[today]["avg_ms"] == req["avg_ms"] and daily[today]["p95_ms"] == req["p95_ms"]
     assert sum(d["count"] for d in req["daily"]) == 10
 
     evt = doc["events"]
@@ -229,8 +242,8 @@ def test_window_boundaries_and_daily_placement(app, client):
     first = (today - timedelta(days=6)).isoformat()
     # Only the row at exactly midnight six days ago is inside the 7-day window.
     assert week["requests"]["total"] == 2 and week["requests"]["failed"] == 1
-    assert week["requests"]["daily"][0] == {"date": first, "count": 1, "failed": 1}
-    assert week["requests"]["daily"][-1] == {"date": today.isoformat(), "count": 1, "failed": 0}
+    assert week["requests"]["daily"][0] == {"date": first, "count": 1, "failed": 1, "avg_ms": 10.0, "p95_ms": 10.0}
+    assert _counts(week["requests"]["daily"][-1]) == {"date": today.isoformat(), "count": 1, "failed": 0}
     assert week["events"]["total"] == 1
     assert week["events"]["daily"][0] == {"date": first, "count": 1}
     assert week["events"]["top"] == [{"name": "OldEvent", "count": 1, "users": 1}]
@@ -249,9 +262,9 @@ def test_window_boundaries_and_daily_placement(app, client):
     # /nope and the 7-day dashboard call today, plus all three inserted rows.
     assert month["requests"]["total"] == 5 and month["requests"]["failed"] == 3
     req_daily = _by_date(month["requests"]["daily"])
-    assert req_daily[old_day] == {"date": old_day, "count": 1, "failed": 1}
-    assert req_daily[edge_out_day] == {"date": edge_out_day, "count": 1, "failed": 1}
-    assert req_daily[first] == {"date": first, "count": 1, "failed": 1}
+    assert _counts(req_daily[old_day]) == {"date": old_day, "count": 1, "failed": 1}
+    assert _counts(req_daily[edge_out_day]) == {"date": edge_out_day, "count": 1, "failed": 1}
+    assert _counts(req_daily[first]) == {"date": first, "count": 1, "failed": 1}
     assert req_daily[today.isoformat()]["count"] == 2
     assert sum(d["count"] for d in month["requests"]["daily"]) == 5
     assert month["events"]["total"] == 3
@@ -302,6 +315,45 @@ def test_percentiles_of_a_small_sample(app, client):
     # Per operation p95: /a -> rank ceil(2.85)=3 -> 30.
     assert req["top_operations"] == [{"name": "GET /a", "count": 3, "failed": 0, "p95_ms": 30.0},
                                      {"name": "GET /b", "count": 1, "failed": 0, "p95_ms": 1000.0}]
+
+
+def test_daily_latency_is_exact_and_the_rollups_agree_with_the_raw_rows(app, monkeypatch):
+    """requests.daily avg_ms/p95_ms per day: the same exact figures from the rollups and from raw SQL."""
+    _ensure_schema(app)
+    today = _today()
+    seeded, other = today - timedelta(days=3), today - timedelta(days=1)
+    with _writing(app) as conn:
+        # 5, 10, ..., 100 ms: consecutive values differ by more than a histogram bucket (4.4 %).
+        for i in range(20, 0, -1):
+            _insert_request(conn, _midnight(seeded) + i, name="GET /a", duration_ms=5.0 * i,
+                            status=503 if i == 7 else 200)
+        for ms in (300.0, 7.0):
+            _insert_request(conn, _midnight(other) + 60, name="GET /b", duration_ms=ms)
+    paths = []
+    real_raw = local_store._raw_usage_rows
+    monkeypatch.setattr(local_store, "_raw_usage_rows", lambda *a: paths.append("raw") or real_raw(*a))
+
+    def daily():
+        with app.app_context():  # no request: nothing else is recorded between the two reads
+            return get_usage_stats(7)["requests"]["daily"]
+
+    from_rollups = daily()
+    with _writing(app) as conn:  # invalidate the rollups: the next read answers from the raw rows
+        conn.execute("DELETE FROM store_meta WHERE key = 'rollups'")
+    from_raw = daily()
+    assert paths == ["raw"]
+
+    by_date = _by_date(from_rollups)
+    # 20 requests: mean 52.5; nearest rank ceil(0.95 * 20) = 19 -> 95 ms.
+    assert by_date[seeded.isoformat()] == {"date": seeded.isoformat(), "count": 20, "failed": 1,
+                                           "avg_ms": 52.5, "p95_ms": 95.0}
+    # 2 requests: mean 153.5; rank ceil(1.9) = 2 -> 300 ms.
+    assert by_date[other.isoformat()] == {"date": other.isoformat(), "count": 2, "failed": 0,
+                                          "avg_ms": 153.5, "p95_ms": 300.0}
+    empty = [d for d in from_rollups if d["date"] not in (seeded.isoformat(), other.isoformat())]
+    assert len(empty) == 5 and all(d["avg_ms"] is None and d["p95_ms"] is None and d["count"] == 0
+                                   for d in empty)
+    assert from_raw == from_rollups
 
 
 def test_empty_store_reports_zeros_and_nulls(app, client):
