@@ -24,7 +24,7 @@ from opencensus.trace.status import Status
 
 import system_health
 import telemetry
-from delivery import Courier, DeliveryStats, ReliableExporterMixin
+from delivery import Courier, DeliveryStats, ReliableExporterMixin, outbox_summary
 
 # This module's own log lines go to the "azure_monitor" logger, which is never exported:
 # an exporter warning fed back into the exporter would loop.
@@ -344,6 +344,49 @@ class AzureSink:
         self._traces._stop(remaining() or 0.01)
         self._metrics.storage.close()
         shutdown_logging(self._event_handler, remaining() or 0.01)
+
+    def outbox(self):
+        """The offline storage on disk, per folder (files, leased, bytes, oldest_age_s, full); no start needed."""
+        settings = self.settings
+        return outbox_summary(settings.telemetry_storage, int(settings.telemetry_storage_max_mb * 1024 * 1024))
+
+    def drain(self, timeout=60.0, progress=None):
+        """Send everything stored in the outbox now, folder by folder, through the exporters' own storage
+        and transport (the Courier's send path, ignoring any back-off). The sink must be started.
+
+        Stops at the first batch ingestion does not accept (refused connection, 5xx, 429, timeout): that
+        batch and the rest stay stored. A batch leased by another process (being sent, or waiting for its
+        retry) is taken when its lease ends, until `timeout`. `progress(1)` is called after each batch.
+        Returns {"batches", "items", "error": None or the reason, "folder": where it stopped}.
+        """
+        if self._courier is None:
+            raise RuntimeError("the Azure sink is not started: call UsageMonitor.start() first")
+        deadline = time.monotonic() + timeout
+        result = {"batches": 0, "items": 0, "error": None, "folder": None}
+        exporters = self._exporters()
+        for exporter in exporters:
+            exporter.spill_overflow()
+        with telemetry.internal_thread():  # its POSTs to ingestion are not dependencies of anything
+            return self._drain(exporters, deadline, progress, result)
+
+    def _drain(self, exporters, deadline, progress, result):
+        """The rounds of drain(): every folder, then wait for batches leased by another sender."""
+        while True:
+            for exporter in exporters:
+                batches, items, error = exporter.drain_stored(deadline, progress)
+                result["batches"] += batches
+                result["items"] += items
+                if error:
+                    result.update(error=error, folder=exporter._folder())
+                    return result
+            leased = {name: f["leased"] for name, f in self.outbox().items() if f["leased"]}
+            if not leased:
+                return result
+            if time.monotonic() >= deadline:
+                folder, count = next(iter(leased.items()))
+                result.update(error=f"timed out: {count} batches still leased by another sender", folder=folder)
+                return result
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _queued_exporters(self):
         """The exporters with a queue whose worker is still running."""

@@ -12,9 +12,11 @@ import os
 import queue
 import threading
 import time
+from datetime import datetime, timezone
 
 import requests
 from opencensus.common.schedule import QueueEvent
+from opencensus.ext.azure.common.storage import LocalFileBlob
 from opencensus.ext.azure.common.transport import TransportStatusCode
 
 from telemetry import mark_internal_thread
@@ -23,11 +25,14 @@ from telemetry import mark_internal_thread
 log = logging.getLogger("azure_monitor.delivery")
 
 RETRYABLE_STATUS = frozenset({401, 403, 408, 429, 500, 502, 503, 504})
+# One offline storage folder per exporter, under TELEMETRY_STORAGE.
+STORAGE_FOLDERS = ("events", "traces", "requests", "metrics")
+_BLOB_TIME = "%Y-%m-%dT%H%M%S.%f"  # opencensus' LocalFileStorage names a batch <UTC time>-<random>.blob
 SUCCESS, RETRY, DROP = TransportStatusCode.SUCCESS, TransportStatusCode.RETRY, TransportStatusCode.DROP
 
 
 class DeliveryStats:
-    """Thread-safe counters reported by /healthz."""
+    """Thread-safe counters reported by /healthz, and the last delivery error of this process."""
 
     FIELDS = ("sent", "stored", "resent", "retries", "rejected", "dropped_storage_full", "overflowed")
 
@@ -35,6 +40,7 @@ class DeliveryStats:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self.FIELDS, 0)
         self._full = set()
+        self._last_error = None
 
     def add(self, name, n=1):
         """Add n to one counter."""
@@ -44,7 +50,14 @@ class DeliveryStats:
     def snapshot(self):
         """A copy of the counters."""
         with self._lock:
-            return dict(self._counts, storage_full=bool(self._full), full_folders=sorted(self._full))
+            return dict(self._counts, storage_full=bool(self._full), full_folders=sorted(self._full),
+                        last_error=self._last_error)
+
+    def note_error(self, folder, reason):
+        """Remember why delivery last failed: "<UTC time> <folder>: <reason>" (a reason, never data)."""
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with self._lock:
+            self._last_error = f"{now} {folder}: {reason}"
 
     def mark_full(self, folder, full):
         """Record whether one storage folder is full; True when this call changed it."""
@@ -71,6 +84,8 @@ class ReliableExporterMixin:
         self._overflow_capacity = overflow_capacity
         self._retry_at = 0.0
         self._send_lock = threading.Lock()
+        self.last_failure = ""  # why ingestion last refused or could not be reached (no data, no endpoint)
+        self._held = set()  # paths of batches this process leased until its next retry
         super().__init__(**options)
 
     # -- queueing ----------------------------------------------------------
@@ -140,7 +155,7 @@ class ReliableExporterMixin:
             if blob is None:  # the write-ahead copy failed (storage full): try once more, counted
                 self._store(envelopes)
             else:
-                blob.lease(self._retry_interval)
+                self._hold(blob)
                 self._stats.add("stored", len(envelopes))
         elif blob is not None:
             blob.delete()
@@ -168,29 +183,79 @@ class ReliableExporterMixin:
         """Send stored batches oldest first; stop at the first failure. Returns batches sent."""
         sent = 0
         with self._send_lock:
-            try:
-                blobs = list(self.storage.gets())
-            except FileNotFoundError:  # the folder was removed under us: recreate it
-                os.makedirs(self.storage.path, exist_ok=True)
-                return 0
-            for blob in blobs:
+            for blob in self._stored_blobs():
                 if self.backing_off():
                     break
-                if not blob.lease(self.options.timeout + 5):
-                    continue
-                envelopes = blob.get()
-                if not envelopes:
-                    blob.delete()
-                    continue
-                result = self._transmit(list(envelopes))
+                result, _ = self._resend_blob(blob)
                 if result is RETRY:
-                    blob.lease(self._retry_interval)
                     break
-                blob.delete()
                 if result is SUCCESS:
-                    self._stats.add("resent", len(envelopes))
                     sent += 1
         return sent
+
+    def drain_stored(self, deadline, progress=None):
+        """Send every stored batch now, oldest first, even while backing off; stop at the first failure.
+
+        For `flask telemetry drain`: the same send path as the Courier's (`_resend_blob`), under
+        the same lock, so this process never sends a batch twice; other processes are kept off
+        each batch by its lease. `progress(1)` is called after each batch. Returns (batches
+        sent, items sent, None) or, when ingestion did not accept a batch (it stays stored) or
+        `deadline` (monotonic) passed, (batches, items, reason).
+        """
+        batches = items = 0
+        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return batches, items, "timed out waiting for the send in progress"
+        try:
+            # Batches this process leased until its next retry are nobody else's: take them too.
+            held = [LocalFileBlob(path) for path in list(self._held)]
+            blobs = sorted(held + self._stored_blobs(), key=lambda b: os.path.basename(b.fullpath))
+            for blob in blobs:
+                if time.monotonic() >= deadline:
+                    return batches, items, "timed out"
+                self._held.discard(blob.fullpath)
+                result, n = self._resend_blob(blob)
+                if progress is not None:
+                    progress(1)
+                if result is RETRY:
+                    return batches, items, self.last_failure or "ingestion did not accept the batch"
+                if result is SUCCESS:
+                    batches, items = batches + 1, items + n
+        finally:
+            self._send_lock.release()
+        return batches, items, None
+
+    def _hold(self, blob):
+        """Lease a batch ingestion did not take until the next retry, and remember it as ours."""
+        if blob.lease(self._retry_interval) is not None:
+            if len(self._held) >= 1024:  # leases expire and are taken back by any process: forget those
+                self._held = {path for path in self._held if os.path.exists(path)}
+            self._held.add(blob.fullpath)
+
+    def _stored_blobs(self):
+        """The stored batches not leased by another sender, oldest first (expired leases are taken back)."""
+        try:
+            return list(self.storage.gets())
+        except FileNotFoundError:  # the folder was removed under us: recreate it
+            os.makedirs(self.storage.path, exist_ok=True)
+            return []
+
+    def _resend_blob(self, blob):
+        """Send one stored batch under a lease: (result, items). RETRY keeps it stored (leased for
+        the retry interval); SUCCESS and DROP delete it; (None, 0) when another sender took it."""
+        if not blob.lease(self.options.timeout + 5):
+            return None, 0
+        envelopes = blob.get()
+        if not envelopes:
+            blob.delete()
+            return None, 0
+        result = self._transmit(list(envelopes))
+        if result is RETRY:
+            self._hold(blob)
+            return RETRY, len(envelopes)
+        blob.delete()
+        if result is SUCCESS:
+            self._stats.add("resent", len(envelopes))
+        return result, len(envelopes)
 
     def _transmit(self, envelopes):
         """POST one batch; SUCCESS, RETRY (back off, keep it) or DROP. Never raises."""
@@ -203,7 +268,7 @@ class ReliableExporterMixin:
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            return self._retry_later(f"{type(exc).__name__}", None)
+            return self._retry_later(_describe(exc), None)
         except Exception as exc:  # never lose a batch to an unexpected error: log it, keep the batch
             log.exception("unexpected error while sending telemetry")
             return self._retry_later(type(exc).__name__, None)
@@ -216,6 +281,7 @@ class ReliableExporterMixin:
         if status in RETRYABLE_STATUS:
             return self._retry_later(f"HTTP {status}", _retry_after(response))
         self._stats.add("rejected", len(envelopes))
+        self._stats.note_error(self._folder(), f"HTTP {status}: {len(envelopes)} items refused and dropped")
         log.error("ingestion refused a batch of %d items with HTTP %d; dropped", len(envelopes), status)
         return DROP
 
@@ -223,9 +289,15 @@ class ReliableExporterMixin:
         """Back off for the retry interval, or for Retry-After when the server gave one."""
         delay = retry_after if retry_after is not None else self._retry_interval
         self._retry_at = time.monotonic() + delay
+        self.last_failure = reason + (f", Retry-After {retry_after:g} s" if retry_after is not None else "")
         self._stats.add("retries")
+        self._stats.note_error(self._folder(), self.last_failure)
         log.warning("ingestion unavailable (%s); stored, next try in %.1f s", reason, delay)
         return RETRY
+
+    def _folder(self):
+        """The name of this exporter's storage folder (events, traces, requests or metrics)."""
+        return os.path.basename(self.storage.path)
 
     def _partial(self, envelopes, response):
         """206: store the retryable items, drop the rest with one line (count and error, no data)."""
@@ -240,11 +312,24 @@ class ReliableExporterMixin:
         if rejected:
             self._stats.add("rejected", len(rejected))
             first = rejected[0]
+            self._stats.note_error(self._folder(), f"HTTP 206: {len(rejected)} of {len(envelopes)} items "
+                                   f"refused ({first.get('statusCode')}) and dropped")
             log.error("ingestion rejected %d of %d items (first: %s %s); dropped", len(rejected),
                       len(envelopes), first.get("statusCode"), str(first.get("message", ""))[:200])
         if retry:
             self._store(retry)
         return DROP  # the batch itself is settled: what must be retried is stored on its own
+
+
+def _describe(exc):
+    """Why a POST failed, in a few words: the kind of failure and the exception's class, never its text
+    (which names the endpoint)."""
+    name = type(exc).__name__
+    if isinstance(exc, requests.Timeout):
+        return f"timed out ({name})"
+    if isinstance(exc, requests.ConnectionError):  # its text carries urllib3's "[Errno 111] Connection refused"
+        return f"connection {'refused' if 'refused' in str(exc).lower() else 'failed'} ({name})"
+    return name
 
 
 def _retry_after(response):
@@ -254,6 +339,54 @@ def _retry_after(response):
         return max(0.0, min(float(value), 3600.0)) if value is not None else None
     except ValueError:
         return None
+
+
+def outbox_summary(root, max_bytes, folders=STORAGE_FOLDERS, now=None):
+    """What is stored on disk under `root`, per folder, read from the files alone (any process may call it).
+
+    Each folder: `files` (stored batches, `*.blob`, leased ones included), `leased` (being sent or
+    waiting for a retry), `bytes` (every file, as the SDK counts them against `max_bytes`),
+    `oldest_age_s` (seconds since the oldest batch was written; None when empty) and `full`.
+    """
+    now = time.time() if now is None else now
+    out = {}
+    for folder in folders:
+        path = os.path.join(root, folder)
+        files = leased = size = 0
+        oldest = None
+        try:
+            names = os.listdir(path)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            full_path = os.path.join(path, name)
+            try:
+                size += os.path.getsize(full_path)
+            except OSError:  # sent and deleted while we looked
+                continue
+            if name.endswith(".tmp") or ".blob" not in name:
+                continue
+            files += 1
+            leased += name.endswith(".lock")
+            written = _blob_time(name, full_path)
+            if written is not None:
+                oldest = written if oldest is None else min(oldest, written)
+        out[folder] = {"files": files, "leased": leased, "bytes": size,
+                       "oldest_age_s": None if oldest is None else round(max(0.0, now - oldest), 1),
+                       "full": size >= max_bytes}
+    return out
+
+
+def _blob_time(name, path):
+    """When a batch file was written: the time in its name, else its modification time (None if gone)."""
+    stamp = name.split("@", 1)[0].rsplit("-", 1)[0]
+    try:
+        return datetime.strptime(stamp, _BLOB_TIME).replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        try:
+            return os.path.getmtime(path)
+        except OSError:
+            return None
 
 
 class Courier:

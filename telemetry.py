@@ -1,4 +1,5 @@
 """The one code path: telemetry records and the dispatcher that hands them to the mode's sink."""
+import contextlib
 import json
 import logging
 import random
@@ -176,6 +177,18 @@ def is_internal_thread():
 def mark_internal_thread():
     """Mark the calling thread as a telemetry delivery thread."""
     _local.internal = True
+
+
+@contextlib.contextmanager
+def internal_thread():
+    """Treat the calling thread as a delivery thread inside the block (`flask telemetry drain` sends
+    from the command's own thread: its POSTs to ingestion must not become dependencies)."""
+    previous = getattr(_local, "internal", False)
+    _local.internal = True
+    try:
+        yield
+    finally:
+        _local.internal = previous
 
 
 def current_operation_id():

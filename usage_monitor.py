@@ -6,6 +6,7 @@ import os
 import threading
 import time
 
+import cli
 import request_tracking
 import security
 import views
@@ -59,6 +60,8 @@ class UsageMonitor:
         install_trace_forwarder(self.settings.trace_log_level)
         if self.routes:
             views.init_app(app)
+        for command in cli.COMMANDS:  # flask usage, flask telemetry status|drain
+            app.cli.add_command(command)
         app.extensions[EXTENSION_NAME] = self
 
     def _setup_sink(self):
