@@ -207,7 +207,7 @@ def test_the_services_own_rate_limit_is_honoured(driver, make_site):
     _open(driver, page, flushInterval=100, maxBatch=5)
     ids = _track(driver, "Limited", 20)
 
-    stored = _wait_stored(service, driver, "Limited", 20, timeout=20)
+    stored = _wait_stored(service, driver, "Limited", 20, timeout=45)
     assert sorted(e["event_id"] for e in stored) == sorted(ids)
     posts = service.wire.posts()
     limited = [r for r in posts if r["status"] == 429]

@@ -4,6 +4,7 @@ from datetime import datetime, timezone
 
 import pytest
 import schemathesis
+from schemathesis.specs.openapi.checks import negative_data_rejection
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app import create_app
@@ -50,7 +51,13 @@ def _current_timestamps(body):
 def test_every_route_honours_its_contract(case):
     if isinstance(case.body, dict):
         _current_timestamps(case.body)
-    case.call_and_validate()
+    response = case.call()
+    excluded = []
+    if case.path == "/events" and response.status_code == 202 and response.json()["errors"]:
+        # Partial acceptance by design: an invalid item is refused (and listed), the valid ones are
+        # recorded, so a batch with a schema-violating item is rightly answered 202.
+        excluded.append(negative_data_rejection)
+    case.validate_response(response, excluded_checks=excluded)
 
 
 _json = st.recursive(
