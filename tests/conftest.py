@@ -1,6 +1,8 @@
 """Shared fixtures: a local-mode app on a temporary SQLite store, its client and CLI runner."""
 import os
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -41,3 +43,40 @@ def client(app):
 def runner(app):
     """Flask's CLI runner for the app."""
     return app.test_cli_runner()
+
+
+class Backend:
+    """A service on 127.0.0.1 that the app calls out to: paths under /boom answer 500, any other 200.
+
+    It remembers the traceparent header of every call.
+    """
+
+    def __init__(self):
+        seen = self.traceparents = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append(self.headers.get("traceparent"))
+                self.send_response(500 if self.path.startswith("/boom") else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.netloc = f"127.0.0.1:{self._server.server_address[1]}"
+        self.url = f"http://{self.netloc}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def backend():
+    """A local service for outgoing `requests` calls (dependencies)."""
+    server = Backend()
+    yield server
+    server.close()

@@ -1,7 +1,5 @@
 """Azure mode at the wire: the real OpenCensus exporters POST envelopes to a fake ingestion endpoint."""
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -36,26 +34,6 @@ def azure_app(ingestion, tmp_path):
     application = create_app(azure_config(ingestion, tmp_path))
     yield application
     monitor_of(application).close()
-
-
-@pytest.fixture
-def backend():
-    """A tiny HTTP server on 127.0.0.1 for outgoing calls: /ok answers 200, anything else 500."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path.startswith("/ok") else 500)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def _flush(app):
@@ -121,7 +99,7 @@ def test_requests_become_request_telemetry_named_by_route(azure_app, ingestion):
 def test_outgoing_calls_become_dependencies(azure_app, ingestion, backend):
     @azure_app.get("/proxy/<path:path>")
     def proxy(path):
-        return {"status": requests.get(f"http://{backend}/{path}?sig=secret", timeout=5).status_code}
+        return {"status": requests.get(f"{backend.url}/{path}?sig=secret", timeout=5).status_code}
 
     client = azure_app.test_client()
     client.get("/proxy/ok")
@@ -130,10 +108,10 @@ def test_outgoing_calls_become_dependencies(azure_app, ingestion, backend):
     deps = ingestion.wait_for(lambda f: len(f.of_type("RemoteDependencyData")) >= 2
                               and f.of_type("RemoteDependencyData"))
     by_code = {d["data"]["baseData"]["resultCode"]: d["data"]["baseData"] for d in deps}
-    assert by_code["200"]["target"] == backend
+    assert by_code["200"]["target"] == backend.netloc
     assert by_code["200"]["type"] == "HTTP"
     assert by_code["200"]["name"] == "GET /ok"
-    assert by_code["200"]["data"] == f"http://{backend}/ok"
+    assert by_code["200"]["data"] == f"{backend.url}/ok"
     assert by_code["200"]["success"] is True
     assert by_code["500"]["success"] is False
     # The dependency is a child of the request that made it.

@@ -5,10 +5,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from flask import Flask
@@ -28,30 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def backend():
-    """The host's backend on 127.0.0.1: every GET answers 200."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
 def host(tmp_path, backend):
     """The host app in local mode."""
     application = create_host({"TELEMETRY_DB": str(tmp_path / "host.db"), "LOCAL_FLUSH_INTERVAL": "0.01",
-                               BACKEND_URL: backend})
+                               BACKEND_URL: backend.url})
     yield application
     monitor_of(application).close()
 
@@ -94,7 +72,7 @@ def test_host_routes_trackers_dependencies_and_logger_in_local_mode(host, backen
     assert operations["GET /crash"]["failed"] == 1, "an exception in a host route is tracked too"
     assert report["requests"]["failed"] == 2
     targets = {(t["type"], t["target"]): t for t in report["dependencies"]["top_targets"]}
-    assert targets[("HTTP", backend.removeprefix("http://"))]["count"] == 1
+    assert targets[("HTTP", backend.netloc)]["count"] == 1
     assert {e["name"] for e in report["events"]["top"]} == {"UserLogin", "CrudActivity", "ReportExported"}
 
     logins = _rows(host, "SELECT user_id FROM events WHERE name = 'UserLogin' ORDER BY user_id")
@@ -125,7 +103,7 @@ def test_logger_lines_also_reach_stderr_in_local_mode(tmp_path):
 
 def test_trace_log_level_filters_the_logger(tmp_path, backend):
     application = create_host({"TELEMETRY_DB": str(tmp_path / "w.db"), "TRACE_LOG_LEVEL": "warning",
-                               BACKEND_URL: backend})
+                               BACKEND_URL: backend.url})
     try:
         application.test_client().get("/log")
         assert [t["level"] for t in _rows(application, "SELECT level FROM traces ORDER BY id")] == ["WARNING", "ERROR"]
@@ -200,7 +178,7 @@ def test_our_routes_answer_json_and_the_host_keeps_its_own_pages(host):
 
 
 def test_routes_false_registers_only_the_hooks(tmp_path, backend):
-    application = create_host({"TELEMETRY_DB": str(tmp_path / "h.db"), BACKEND_URL: backend}, routes=False)
+    application = create_host({"TELEMETRY_DB": str(tmp_path / "h.db"), BACKEND_URL: backend.url}, routes=False)
     plain = Flask("plain")
     try:
         client = application.test_client()
@@ -251,7 +229,7 @@ def test_setup_metrics_exporter_names_an_app_without_the_extension():
 def test_a_broken_store_never_breaks_the_host_and_event_answers_503(tmp_path, backend):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")  # the store's folder cannot be created: the sink fails to start
-    application = create_host({"TELEMETRY_DB": str(blocker / "sub" / "t.db"), BACKEND_URL: backend})
+    application = create_host({"TELEMETRY_DB": str(blocker / "sub" / "t.db"), BACKEND_URL: backend.url})
     client = application.test_client()
     login = client.post("/login/5")
     assert login.status_code == 200 and login.get_json() == {"event_id": None}
@@ -259,7 +237,7 @@ def test_a_broken_store_never_breaks_the_host_and_event_answers_503(tmp_path, ba
     assert client.get("/log").status_code == 200
     refused = client.post("/event", json={"event_name": "Clicked"})
     assert refused.status_code == 503
-    assert refused.get_json()["error"]["code"] == "telemetry_unavailable"
+    assert refused.get_json()["error"]["code"] == "storage_unavailable"
     assert refused.headers["Retry-After"] == "5"
     failures = client.get("/healthz").get_json()["telemetry"]["record_failures"]
     assert failures["event"] == 3 and failures["request"] >= 4 and failures["trace"] == 3
@@ -278,7 +256,7 @@ def test_host_in_azure_mode_at_the_wire(ingestion, tmp_path, backend):
     application = create_host({
         "APPLICATIONINSIGHTS_CONNECTION_STRING": ingestion.connection_string, "DASHBOARD_AUTH": "off",
         "TELEMETRY_STORAGE": str(tmp_path / "outbox"), "EXPORT_INTERVAL": "0.05",
-        "METRICS_EXPORT_INTERVAL": "3600", BACKEND_URL: backend})
+        "METRICS_EXPORT_INTERVAL": "3600", BACKEND_URL: backend.url})
     try:
         _exercise(application.test_client())
         exporter = system_health.setup_metrics_exporter(application)
@@ -301,7 +279,7 @@ def test_host_in_azure_mode_at_the_wire(ingestion, tmp_path, backend):
         assert requests_by_name["GET /broken"]["success"] is False
         assert requests_by_name["GET /crash"]["success"] is False
         deps = [d["data"]["baseData"] for d in ingestion.of_type("RemoteDependencyData")]
-        assert [d["target"] for d in deps] == [backend.removeprefix("http://")]
+        assert [d["target"] for d in deps] == [backend.netloc]
 
         messages = {m["data"]["baseData"]["message"]: m for m in ingestion.of_type("MessageData")}
         assert messages["cache warmed"]["data"]["baseData"]["severityLevel"] == 1

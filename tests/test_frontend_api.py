@@ -2,11 +2,9 @@
 CORS details and the refusal of invisible characters (the real browser is in test_browser.py)."""
 import json
 import sqlite3
-import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -251,28 +249,6 @@ def test_cors_preflight_lists_only_the_routes_methods_and_exposes_retry_after(ke
 
 # -- W3C trace context ------------------------------------------------------------------------------
 
-@pytest.fixture
-def downstream():
-    """A service on 127.0.0.1 that remembers the traceparent header of each call."""
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append(self.headers.get("traceparent"))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
-
-
 def _add_call_route(application, url):
     def call_downstream():
         requests.get(f"{url}/stock", timeout=5)
@@ -280,8 +256,8 @@ def _add_call_route(application, url):
     application.add_url_rule("/call", view_func=call_downstream)
 
 
-def test_traceparent_in_and_out_in_local_mode(app, downstream):
-    url, seen = downstream
+def test_traceparent_in_and_out_in_local_mode(app, backend):
+    url, seen = backend.url, backend.traceparents
     _add_call_route(app, url)
     client = app.test_client()
     header = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
@@ -313,8 +289,8 @@ def test_invalid_traceparent_is_ignored(app, header):
     assert operation_id != TRACE
 
 
-def test_trace_context_and_client_fields_at_the_azure_wire(tmp_path, downstream):
-    url, seen = downstream
+def test_trace_context_and_client_fields_at_the_azure_wire(tmp_path, backend):
+    url, seen = backend.url, backend.traceparents
     fake = FakeIngestion().start()
     application = create_app({"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": fake.connection_string,
                               "DASHBOARD_AUTH": "off", "TELEMETRY_STORAGE": str(tmp_path / "outbox"),
