@@ -204,13 +204,27 @@ class UsageReport(BaseModel):
     crud: CrudStats
 
 
-class Health(BaseModel):
-    """GET /healthz's answer."""
+class Disk(BaseModel):
+    path: str
+    free_mb: Optional[float]
 
-    status: Literal["ok"]
+
+class Health(BaseModel):
+    """GET /healthz's answer: 200 "ok", or 503 "degraded" listing the problems."""
+
+    status: Literal["ok", "degraded"]
+    problems: List[str]
     mode: Literal["local", "azure"]
     usage_source: str
+    pid: Annotated[int, Field(description="The answering worker: `telemetry` is its own view")]
     telemetry: Dict[str, object]
+    disk: Disk
+
+
+class Live(BaseModel):
+    """GET /livez's answer."""
+
+    status: Literal["alive"]
 
 
 # -- the registry -----------------------------------------------------------------------------
@@ -229,11 +243,15 @@ class ApiSpec:
         self._operations = []
 
     def operation(self, path, method, summary, *, body=None, query=None, response=None, status=200,
-                  errors=(), security=None):
-        """Decorate a view: validate its JSON body / query string and record it in the spec."""
+                  errors=(), security=None, alternate=None):
+        """Decorate a view: validate its JSON body / query string and record it in the spec.
+
+        `alternate` is (status, model) for a second documented answer with a body of its own
+        (GET /healthz: 503 with the same document).
+        """
         self._operations.append(dict(path=path, method=method.lower(), summary=summary, body=body,
                                      query=query, response=response, status=status, errors=errors,
-                                     security=security))
+                                     security=security, alternate=alternate))
 
         def decorator(view):
             @functools.wraps(view)
@@ -251,6 +269,8 @@ class ApiSpec:
         models = {ErrorResponse, PublicEvent}
         for op in self._operations:
             models.update(m for m in (op["body"], op["query"], op["response"]) if m is not None)
+            if op["alternate"] is not None:
+                models.add(op["alternate"][1])
         _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
                                      ref_template="#/components/schemas/{model}")
         paths = {}
@@ -269,6 +289,10 @@ class ApiSpec:
         responses = {str(op["status"]): {"description": _DESCRIPTIONS.get(op["status"], "OK")}}
         if op["response"] is not None:
             responses[str(op["status"])]["content"] = {"application/json": {"schema": ref(op["response"])}}
+        if op["alternate"] is not None:
+            code, model = op["alternate"]
+            responses[str(code)] = {"description": "Degraded: `problems` says what is wrong",
+                                    "content": {"application/json": {"schema": ref(model)}}}
         errors = set(op["errors"])
         secured = op["security"] in active_security
         if secured:

@@ -162,6 +162,7 @@ def setup_logging(settings, stats):
 def _attach(settings, stats):
     """Create the handlers and put them on their loggers (never on the root logger)."""
     _setup_statsbeat(settings)
+    _silence_sdk_capacity_warnings()
     event_handler = EventHandler(**_exporter_options(settings, stats, "events"))
     log_handler = LogHandler(**_exporter_options(settings, stats, "traces"))  # fed by AzureSink.track_trace
     event_logger = logging.getLogger(f"{EVENT_LOGGER}.{next(_serial)}")
@@ -170,6 +171,24 @@ def _attach(settings, stats):
     event_logger.addHandler(event_handler)
     return {"event_logger": event_logger, "event_handler": event_handler, "log_handler": log_handler,
             "users": 0}
+
+
+class _SdkCapacityFilter(logging.Filter):
+    """The SDK warns "Persistent storage max capacity" on every refused write (719 lines in 20 s were
+    seen); delivery.py logs one line per folder per episode instead, so these repeats are dropped."""
+
+    def filter(self, record):
+        return "max capacity" not in str(record.msg)
+
+
+_capacity_filter = _SdkCapacityFilter()
+
+
+def _silence_sdk_capacity_warnings():
+    """Install the filter on the SDK's storage logger, once."""
+    sdk_storage = logging.getLogger("opencensus.ext.azure.common.storage")
+    if _capacity_filter not in sdk_storage.filters:
+        sdk_storage.addFilter(_capacity_filter)
 
 
 def _setup_statsbeat(settings):
@@ -338,12 +357,45 @@ class AzureSink:
         for exporter in self._queued_exporters():
             if exporter.backing_off() or not _drain(exporter._queue, remaining()):
                 exporter.spill_queue()
-        self._metrics._store(self._metrics.apply_telemetry_processors(
-            [e for m in self._producer.get_metrics() for e in self._metrics.metric_to_envelopes(m)]))
-        self._metrics.exporter_thread.cancel()
+        self._close_metrics(remaining)
         self._traces._stop(remaining() or 0.01)
         self._metrics.storage.close()
         shutdown_logging(self._event_handler, remaining() or 0.01)
+
+    def _close_metrics(self, remaining):
+        """The last interval's metrics: sent when ingestion answers within the grace, stored otherwise."""
+        metrics = self._metrics
+        metrics.exporter_thread.cancel()
+        envelopes = metrics.apply_telemetry_processors(
+            [e for m in self._producer.get_metrics() for e in metrics.metric_to_envelopes(m)])
+        if not envelopes:
+            return
+        if metrics.backing_off() or remaining() <= 0:
+            metrics._store(envelopes)
+            return
+        metrics.options.timeout = max(0.1, min(metrics.options.timeout, remaining()))  # the process is stopping
+        for start in range(0, len(envelopes), metrics.max_batch_size):
+            metrics._deliver(envelopes[start:start + metrics.max_batch_size])  # write-ahead: stored unless sent
+
+    def problems(self, grace_s):
+        """What makes this sink unhealthy: full storage folders, an outage longer than `grace_s`, a full queue."""
+        found = []
+        delivery = self.stats.snapshot()
+        if delivery["full_folders"]:
+            found.append(f"telemetry storage full ({', '.join(delivery['full_folders'])}): "
+                         f"{delivery['dropped_storage_full']} items dropped; raise TELEMETRY_STORAGE_MAX_MB")
+        if delivery["failing_for_s"] is not None and delivery["failing_for_s"] > grace_s:
+            found.append(f"ingestion failing for {delivery['failing_for_s']:.0f} s: {delivery['last_error']}")
+        capacity = self.settings.export_queue_capacity
+        for name, depth in self._queue_depths().items():
+            if depth > 0.8 * capacity:
+                found.append(f"{name} queue {100 * depth // capacity} % full")
+        return found
+
+    def _queue_depths(self):
+        """Items waiting in each exporter's queue."""
+        return {"events": self._event_handler._queue._queue.qsize(), "traces": self._log_handler._queue._queue.qsize(),
+                "spans": self._traces._queue._queue.qsize()}
 
     def outbox(self):
         """The offline storage on disk, per folder (files, leased, bytes, oldest_age_s, full); no start needed."""
@@ -394,7 +446,5 @@ class AzureSink:
 
     def health(self):
         """Delivery counters and queue depths for /healthz."""
-        return {"started": True, "delivery": self.stats.snapshot(),
-                "queued": {"events": self._event_handler._queue._queue.qsize(),
-                           "spans": self._traces._queue._queue.qsize()},
+        return {"started": True, "delivery": self.stats.snapshot(), "queued": self._queue_depths(),
                 "backing_off": any(e.backing_off() for e in self._exporters())}

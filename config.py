@@ -55,6 +55,8 @@ class Settings:
                           "session", "api_key", "apikey", "credential", "private_key")
     trusted_proxies: int = 0
     trace_log_level: str = "INFO"
+    health_ingestion_grace: float = 300.0
+    health_min_free_mb: float = 100.0
     # Parsed from the connection string; not read from the environment.
     instrumentation_key: str = field(default="", repr=False)
     ingestion_endpoint: str = field(default="", repr=False)
@@ -88,6 +90,8 @@ _BOUNDS = {
     "local_batch_size": (1, 100000),
     "local_flush_interval": (0.001, 60),
     "trusted_proxies": (0, 10),
+    "health_ingestion_grace": (1, 86400),
+    "health_min_free_mb": (0, 1000000),
 }
 _DERIVED = {"instrumentation_key", "ingestion_endpoint"}
 

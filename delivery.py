@@ -36,11 +36,13 @@ class DeliveryStats:
 
     FIELDS = ("sent", "stored", "resent", "retries", "rejected", "dropped_storage_full", "overflowed")
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self.FIELDS, 0)
         self._full = set()
         self._last_error = None
+        self._clock = clock
+        self._failing_since = None  # when ingestion started failing (this outage), by `clock`
 
     def add(self, name, n=1):
         """Add n to one counter."""
@@ -51,13 +53,28 @@ class DeliveryStats:
         """A copy of the counters."""
         with self._lock:
             return dict(self._counts, storage_full=bool(self._full), full_folders=sorted(self._full),
-                        last_error=self._last_error)
+                        last_error=self._last_error, failing_for_s=self._failing_for())
+
+    def _failing_for(self):
+        """Seconds since ingestion started failing, or None while it accepts (caller holds the lock)."""
+        return None if self._failing_since is None else round(self._clock() - self._failing_since, 1)
 
     def note_error(self, folder, reason):
         """Remember why delivery last failed: "<UTC time> <folder>: <reason>" (a reason, never data)."""
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         with self._lock:
             self._last_error = f"{now} {folder}: {reason}"
+
+    def note_unavailable(self):
+        """Ingestion could not be reached or asked us to retry: the outage starts now unless it already has."""
+        with self._lock:
+            if self._failing_since is None:
+                self._failing_since = self._clock()
+
+    def note_accepted(self):
+        """Ingestion accepted a batch: any outage is over."""
+        with self._lock:
+            self._failing_since = None
 
     def mark_full(self, folder, full):
         """Record whether one storage folder is full; True when this call changed it."""
@@ -275,8 +292,10 @@ class ReliableExporterMixin:
         status = response.status_code
         if status == 200:
             self._retry_at = 0.0
+            self._stats.note_accepted()
             return SUCCESS
         if status == 206:
+            self._stats.note_accepted()
             return self._partial(envelopes, response)
         if status in RETRYABLE_STATUS:
             return self._retry_later(f"HTTP {status}", _retry_after(response))
@@ -291,6 +310,7 @@ class ReliableExporterMixin:
         self._retry_at = time.monotonic() + delay
         self.last_failure = reason + (f", Retry-After {retry_after:g} s" if retry_after is not None else "")
         self._stats.add("retries")
+        self._stats.note_unavailable()
         self._stats.note_error(self._folder(), self.last_failure)
         log.warning("ingestion unavailable (%s); stored, next try in %.1f s", reason, delay)
         return RETRY

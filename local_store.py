@@ -487,6 +487,10 @@ class LocalStore:
             self._queue.put(("stop", None))
             self._thread.join(timeout)
 
+    def problems(self, grace_s=None):
+        """What is wrong with the store now, for /healthz (the writer thread stopped)."""
+        return [] if self._thread is not None and self._thread.is_alive() else ["local store writer is not running"]
+
     def health(self):
         """Counters for /healthz."""
         return {"started": True, "queued": self._queue.qsize(), "written": self.written,

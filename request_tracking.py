@@ -11,7 +11,7 @@ from telemetry import current_monitor, monitor_of
 
 _patch_lock = threading.Lock()
 _original_send = None
-UNTRACKED_ENDPOINTS = frozenset({"usage_monitor.healthz"})  # health probes
+UNTRACKED_ENDPOINTS = frozenset({"usage_monitor.healthz", "usage_monitor.livez"})  # health probes
 
 
 def start_request():

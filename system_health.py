@@ -1,4 +1,5 @@
 """Service health: per-route response-time metrics for Application Insights and the /healthz report."""
+import os
 import threading
 from datetime import datetime, timezone
 
@@ -81,10 +82,18 @@ def setup_metrics_exporter(app=None):
 
 
 def health_report(monitor):
-    """The /healthz document: mode, sink counters, and no secrets."""
+    """The /healthz document: "ok", or "degraded" with its problems; never secrets.
+
+    `telemetry` (queues, counters) is the answering worker's own view, named by `pid`; `disk` and
+    the sink's shared state (database or outbox on disk) hold for every worker.
+    """
+    problems = monitor.problems()
     return {
-        "status": "ok",
+        "status": "degraded" if problems else "ok",
+        "problems": problems,
         "mode": monitor.settings.mode,
         "usage_source": monitor.source_name,
+        "pid": os.getpid(),
         "telemetry": monitor.health(),
+        "disk": monitor.disk(),
     }

@@ -3,6 +3,7 @@ import atexit
 import collections
 import logging
 import os
+import shutil
 import threading
 import time
 
@@ -184,6 +185,31 @@ class UsageMonitor:
         report = self.sink.health() if self._pid == os.getpid() else {"started": False}
         report["record_failures"] = dict(self.failures)
         return report
+
+    def problems(self):
+        """What is wrong now, in short sentences: the sink's own problems (this process) and a nearly full disk."""
+        found = []
+        if self._pid == os.getpid():
+            found += self.sink.problems(self.settings.health_ingestion_grace)
+        disk = self.disk()
+        if disk["free_mb"] is not None and disk["free_mb"] < self.settings.health_min_free_mb:
+            found.append(f"disk nearly full: {disk['free_mb']:.0f} MB free at {disk['path']} "
+                         f"(HEALTH_MIN_FREE_MB {self.settings.health_min_free_mb:g})")
+        return found
+
+    def disk(self):
+        """Free space where this mode stores telemetry (the database's folder, or the outbox), shared by all workers."""
+        settings = self.settings
+        path = os.path.dirname(os.path.abspath(settings.telemetry_db)) if settings.mode == "local" \
+            else settings.telemetry_storage
+        probe = path
+        while probe and not os.path.exists(probe):
+            probe = os.path.dirname(probe) if os.path.dirname(probe) != probe else ""
+        try:
+            free_mb = shutil.disk_usage(probe).free / 1048576 if probe else None
+        except OSError:
+            free_mb = None
+        return {"path": path, "free_mb": None if free_mb is None else round(free_mb, 1)}
 
     def metrics_exporter(self):
         """Start the sink here and return its response-time metrics exporter (None in local mode)."""

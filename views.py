@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 import security
 import system_health
-from api_spec import (ApiError, ApiSpec, BatchAccepted, EventAccepted, EventBatch, Health, UsageQuery,
+from api_spec import (ApiError, ApiSpec, BatchAccepted, EventAccepted, EventBatch, Health, Live, UsageQuery,
                       UsageReport)
 from log_analytics import UsageQueryError
 from logging_utils import PublicEvent, SingleEvent, describe_error, record_event
@@ -96,7 +96,7 @@ def post_events(body):
                            "message": f"{field}: {message.partition(': ')[2]}"})
         except TelemetryUnavailable as exc:
             unavailable = exc
-            errors.append({"index": index, "code": "telemetry_unavailable", "message": str(exc)})
+            errors.append({"index": index, "code": "storage_unavailable", "message": str(exc)})
         event_ids.append(event_id)
     accepted = sum(event_id is not None for event_id in event_ids)
     if not accepted:
@@ -110,7 +110,7 @@ def post_events(body):
 
 def _unavailable(exc):
     """The 503 of an event the sink cannot take: the client should retry after Retry-After."""
-    return ApiError(503, "telemetry_unavailable", f"{exc}; try again later",
+    return ApiError(503, "storage_unavailable", f"{exc}; try again later",
                     headers={"Retry-After": RETRY_AFTER_UNAVAILABLE})
 
 
@@ -153,10 +153,19 @@ def dashboard_usage(query):
 
 
 @bp.get("/healthz")
-@spec.operation("/healthz", "GET", "Liveness and telemetry counters", response=Health)
+@spec.operation("/healthz", "GET", "Readiness: 200 ok, or 503 degraded with the problems; telemetry counters",
+                response=Health, alternate=(503, Health))
 def healthz():
-    """Liveness and telemetry counters; never secrets."""
-    return jsonify(system_health.health_report(current_monitor()))
+    """200 when telemetry can be stored and sent, 503 with the problems otherwise; never secrets."""
+    report = system_health.health_report(current_monitor())
+    return jsonify(report), 503 if report["problems"] else 200
+
+
+@bp.get("/livez")
+@spec.operation("/livez", "GET", "Liveness: 200 while the process serves", response=Live)
+def livez():
+    """200 while the process answers, whatever the state of telemetry (for liveness probes)."""
+    return jsonify({"status": "alive"})
 
 
 @bp.get("/openapi.json")

@@ -17,6 +17,7 @@ from fake_ingestion import FakeIngestion
 from host_app import create_host
 from logging_utils import log_event
 from telemetry import monitor_of
+from test_delivery import wait_until
 from usage_tracking import log_crud_activity, log_user_login
 
 WORKSPACE = "00000000-1111-2222-3333-444444444444"
@@ -93,15 +94,6 @@ def post_events(client, n):
         assert resp.status_code == 202, resp.get_data(as_text=True)
         ids.append(resp.get_json()["event_id"])
     return ids
-
-
-def wait_until(predicate, timeout, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def store_during_outage(application, fake, n=120, mode="down"):
@@ -289,7 +281,7 @@ def test_status_in_azure_mode_reads_the_outbox(fake, make_app, tmp_path):
     report = json.loads(result.stdout)
     assert report["mode"] == "azure"
     assert report["health"]["started"] is True
-    assert set(report["health"]["queued"]) == {"events", "spans"}
+    assert set(report["health"]["queued"]) == {"events", "traces", "spans"}
     folders = report["outbox"]["folders"]
     assert set(folders) == {"events", "traces", "requests", "metrics"}
     events = folders["events"]

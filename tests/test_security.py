@@ -261,7 +261,7 @@ def test_openapi_describes_every_route_status_and_error_body(tmp_path):
     app = make_app(tmp_path, DASHBOARD_TOKEN=TOKEN, EVENT_API_KEYS=KEYS)
     doc = app.test_client().get("/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/event", "/events", "/dashboard/usage", "/healthz"}
+    assert set(doc["paths"]) == {"/event", "/events", "/dashboard/usage", "/healthz", "/livez"}
     event = doc["paths"]["/event"]["post"]
     assert set(event["responses"]) == {"202", "400", "401", "413", "415", "422", "429", "503"}
     assert event["security"] == [{"apiKey": []}]
