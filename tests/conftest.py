@@ -80,3 +80,15 @@ def backend():
     server = Backend()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """One headless Chromium per test module (Debian's chromium and chromium-driver, via selenium)."""
+    from browser_harness import start_chromium
+    try:
+        browser = start_chromium()
+    except RuntimeError as exc:
+        pytest.skip(f"no usable Chromium: {exc}")
+    yield browser
+    browser.quit()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from browser_harness import PageServer, ServiceThread, console, start_chromium, wait_for
+from browser_harness import PageServer, ServiceThread, console, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USAGE_JS = os.path.join(ROOT, "static", "usage.js")
@@ -23,17 +23,6 @@ KEY = "browser-test-key"
 TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-01$")
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 MAX_MINIFIED_BYTES = 5 * 1024
-
-
-@pytest.fixture(scope="module")
-def driver():
-    """One headless Chromium for the module; each test gets a fresh page origin (fresh storage)."""
-    try:
-        browser = start_chromium()
-    except RuntimeError as exc:
-        pytest.skip(f"no usable Chromium: {exc}")
-    yield browser
-    browser.quit()
 
 
 @pytest.fixture

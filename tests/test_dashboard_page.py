@@ -7,7 +7,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
-from browser_harness import console, start_chromium, wait_for
+from browser_harness import console, wait_for
 from fake_ingestion import FakeIngestion
 from monitoring_utils import get_usage_stats
 from telemetry import monitor_of
@@ -15,16 +15,6 @@ from usage_tracking import log_crud_activity, log_user_login
 
 OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
 TOKEN = "dashboard-secret"
-
-
-@pytest.fixture(scope="module")
-def driver():
-    try:
-        browser = start_chromium()
-    except RuntimeError as exc:
-        pytest.skip(f"no headless Chromium here: {exc}")
-    yield browser
-    browser.quit()
 
 
 class Served:
