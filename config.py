@@ -42,6 +42,9 @@ class Settings:
     metrics_export_interval: float = 60.0
     local_batch_size: int = 500
     local_flush_interval: float = 0.2
+    local_queue_capacity: int = 100000
+    local_retention_days: int = 90
+    local_max_mb: float = 1024.0
     log_level: str = "INFO"
     dashboard_token: str = field(default="", repr=False)
     dashboard_auth: bool = True
@@ -89,6 +92,9 @@ _BOUNDS = {
     "metrics_export_interval": (0.01, 3600),
     "local_batch_size": (1, 100000),
     "local_flush_interval": (0.001, 60),
+    "local_queue_capacity": (100, 10000000),
+    "local_retention_days": (1, 3650),
+    "local_max_mb": (1, 10000000),
     "trusted_proxies": (0, 10),
     "health_ingestion_grace": (1, 86400),
     "health_min_free_mb": (0, 1000000),

@@ -29,18 +29,22 @@ value is exact when that bucket holds one distinct duration (or the rank is the 
 or last), else interpolated between the bucket's smallest and largest duration, so it is off
 by less than 4.4 % of the value at worst.
 """
+import collections
 import contextlib
+import errno
+import glob
 import itertools
 import json
 import logging
 import math
 import os
-import queue
 import sqlite3
 import threading
 import time
+import urllib.parse
 from datetime import datetime, timezone
 
+from config import ConfigError, Settings
 from telemetry import mark_internal_thread
 
 log = logging.getLogger(__name__)
@@ -244,6 +248,14 @@ _INSERT = {
     "dependency": "INSERT INTO dependencies (ts, day, type, target, name, result_code, success,"
                   " duration_ms, operation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
 }
+# Each kind's columns, in the order of its INSERT parameters (the pending file names them).
+_COLUMNS = {kind: tuple(c.strip() for c in sql[sql.index("(") + 1:sql.index(")")].split(","))
+            for kind, sql in _INSERT.items()}
+_COLUMN_DEFAULTS = {"user_id": "", "anonymous_id": "", "session_id": "", "client_id": 0}
+# Rows from a pending file or copied from a corrupt one: a row that breaks a constraint is skipped
+# (OR IGNORE), never the whole batch; an event already stored is skipped too.
+_INSERT.update({f"ignore {kind}": "INSERT OR IGNORE" + sql[len("INSERT"):].partition(" ON CONFLICT")[0]
+                for kind, sql in list(_INSERT.items())})
 
 # Rows per INSERT statement: every statement releases and re-takes the GIL once (around
 # sqlite3_step); under a busy request thread each re-take can wait a whole switch interval
@@ -320,6 +332,12 @@ def _message(record):
         return str(record.msg)
 
 
+# The class of every connection this module opens. A seam for fault injection: a test may put here
+# a sqlite3.Connection subclass whose execute() fails on demand (tests/fault_sqlite.py). Production
+# never changes it.
+connection_factory = sqlite3.Connection
+
+
 def connect(path, timeout=30.0):
     """Open the store with WAL and a busy timeout.
 
@@ -328,21 +346,25 @@ def connect(path, timeout=30.0):
     the same moment) holds it: retry that for up to `timeout` seconds instead of failing the
     worker's boot. A file already in WAL mode is not switched again.
     """
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False,
+                           factory=connection_factory)
     deadline = time.monotonic() + timeout
     delay = 0.005
-    while True:
-        try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-            break
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
-                conn.close()
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
-    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -416,122 +438,756 @@ def _write_transaction(path):
             yield conn
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
     finally:
         conn.close()
 
 
-class LocalStore:
-    """The local sink: queues records in memory and writes them in batches on a writer thread."""
+# -- faults and recovery ------------------------------------------------------------------
 
-    def __init__(self, path, batch_size=500, flush_interval=0.2, top=10):
+class StorageUnavailable(Exception):
+    """The local store cannot take a record now (queue full, writer failing, store closed); retry later."""
+
+
+_RECORD_KINDS = ("event", "request", "dependency", "trace")
+_TABLE_OF = {"event": "events", "request": "requests", "dependency": "dependencies", "trace": "traces"}
+_IDLE_TICK = 1.0               # the writer wakes at least this often when idle
+_CHECK_INTERVAL = 2.0          # seconds between checks that TELEMETRY_DB is still the file the writer has open
+_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 2.0
+_FAILURE_LOG_INTERVAL = 60.0
+_PRUNE_INTERVAL = 3600.0       # retention pass, by the store's clock
+_SIZE_CHECK_INTERVAL = 60.0    # LOCAL_MAX_MB check, monotonic seconds
+_CHUNK = 2000                  # rows per pruning or salvage transaction
+_QUEUE_WARN = 0.8              # problems() reports the queue from this fill level
+_MB = 1024 * 1024
+
+_REASONS = {"corrupt": "database corrupt", "full": "disk full", "busy": "database locked",
+            "io": "disk I/O error", "readonly": "database read-only", "cantopen": "cannot open the database file",
+            "schema": "tables missing", "replaced": "database file replaced or deleted", "other": "database error"}
+
+
+def _classify(exc):
+    """One of the _REASONS keys for a sqlite3 error (by its SQLite error name, else by its message)."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    msg = str(exc).lower()
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in msg or "not a database" in msg:
+        return "corrupt"
+    if name.startswith("SQLITE_FULL") or "is full" in msg:
+        return "full"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in msg or "busy" in msg:
+        return "busy"
+    if name.startswith("SQLITE_IOERR") or "i/o error" in msg:
+        return "io"
+    if name.startswith("SQLITE_READONLY") or "readonly" in msg:
+        return "readonly"
+    if name.startswith("SQLITE_CANTOPEN") or "unable to open" in msg:
+        return "cantopen"
+    if "no such table" in msg:
+        return "schema"
+    return "other"
+
+
+def _identity(path):
+    """(device, inode) of the file at `path`, or None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _rollback(conn):
+    """Roll back the open transaction, if any, ignoring a failure to do so."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+def _close_quietly(conn):
+    if conn is not None:
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+
+
+def _remove_stale_sidecars(path):
+    """Remove the -wal/-shm/-journal of a database file that no longer exists.
+
+    A new file at the same path would otherwise pick up the old write-ahead log and shared memory.
+    """
+    for suffix in ("-wal", "-shm", "-journal"):
+        with contextlib.suppress(OSError):
+            os.remove(path + suffix)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _iso(ts):
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _midnight(day):
+    return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()
+
+
+class _ReadGate:
+    """Keeps this process's reads and the writer's switch to another file apart.
+
+    A read connection still open on the old file when the writer opens the new one could, when it
+    closes last, delete the new file's -wal and -shm (SQLite removes them by name).
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._switching = False
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._switching, 10.0)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def switching(self):
+        with self._cond:
+            self._switching = True
+            self._cond.wait_for(lambda: self._readers == 0, 10.0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._switching = False
+                self._cond.notify_all()
+
+
+class _Writer:
+    """One start()'s writer: its queue, the batch in hand, its connection and its maintenance."""
+
+    def __init__(self, capacity):
+        # The queue: a deque bounded by `room` under `lock` (queue.Queue's put_nowait costs three times more).
+        # The writer sets `idle` before it waits for `wake`; a put sets `wake` only then.
+        self.items = collections.deque()
+        self.room = capacity       # 0 once closed
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.idle = False
+        self.held = []             # lists of queue items taken and not yet committed: the batch in hand
+        self.encoded = None        # (rows by insert kind, count) of `held`, built once per batch
+        self.claims = []           # pending files whose rows are in `held`
+        self.conn = None
+        self.identity = None       # (device, inode) of the file `conn` opened
+        self.sidecars = {}         # (device, inode) of that file's -wal and -shm
+        self.thread = None
+        self.stopping = threading.Event()
+        self.abort = threading.Event()
+        self.stop_deadline = math.inf
+        self.closed = False
+        self.abandoned = False     # close() took the batch in hand over: never commit it
+        self.commit_lock = threading.Lock()
+        self.attempts = 0
+        self.job = None            # maintenance in progress: a generator, one short transaction per step
+        self.job_waiters = []
+        self.check_now = False
+        self.next_check = 0.0
+        self.next_retention = -math.inf      # store clock
+        self.next_size_check = 0.0           # monotonic
+        self.salvage_new = []      # corrupt files to copy readable rows from (not yet recorded in store_meta)
+        self.salvage_scan = True
+
+
+class LocalStore:
+    """The local sink: queues records in memory (bounded) and writes them in batches on a writer thread.
+
+    The writer survives every SQLite error: transient ones (locked, disk full, I/O) are retried
+    with backoff while the batch is kept; a database file replaced or deleted while open is
+    reopened (created again with its schema); a corrupt one is moved aside, a new one started
+    and its readable rows copied back. While the writer fails, events are refused
+    (StorageUnavailable, which POST /event answers with 503); what close() cannot write in time
+    is saved next to the database and imported by the next start(). Rows older than
+    `retention_days`, and the oldest days while the database uses more than `max_mb`, are pruned
+    by the writer in short transactions.
+    """
+
+    def __init__(self, path, batch_size=500, flush_interval=0.2, top=10, *, queue_capacity=None,
+                 retention_days=None, max_mb=None, shutdown_grace=None, clock=time.time):
+        defaults = Settings()
         self.path = path
         self.top = top
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        self._queue = None
-        self._thread = None
+        self.queue_capacity = int(queue_capacity or defaults.local_queue_capacity)
+        self.retention_days = int(retention_days or defaults.local_retention_days)
+        self.max_mb = float(max_mb or defaults.local_max_mb)
+        self.shutdown_grace = float(defaults.shutdown_grace if shutdown_grace is None else shutdown_grace)
+        self.clock = clock
+        self._w = None
         self.written = 0
-        self.write_errors = 0
+        self.write_errors = 0      # records dropped because they could not be encoded
+        self.saved = 0             # records saved to the pending file by close()
+        self.lost = 0              # records neither written nor saved by close()
+        self.imported = 0
+        self.salvaged = 0
+        self.reopened = 0
+        self.quarantined = []      # where corrupt files were moved
+        self.last_prune = None
+        self.last_error = None
+        self._failing = False
+        self._failing_since = None
+        self._reason = None
+        self._next_failure_log = 0.0
+        self._size_problem = None
+        self._suspect = False      # a reader saw a corrupt page
         self._schema_ready = False
+        self._schema_identity = None
         self._schema_lock = threading.Lock()
+        self._gate = _ReadGate()
+
+    @classmethod
+    def from_settings(cls, settings, **overrides):
+        """The store of `settings` (TELEMETRY_DB and the LOCAL_* settings); keyword arguments override."""
+        kwargs = dict(batch_size=settings.local_batch_size, flush_interval=settings.local_flush_interval,
+                      top=settings.usage_top, queue_capacity=settings.local_queue_capacity,
+                      retention_days=settings.local_retention_days, max_mb=settings.local_max_mb,
+                      shutdown_grace=settings.shutdown_grace)
+        kwargs.update(overrides)
+        return cls(settings.telemetry_db, **kwargs)
 
     # -- schema ----------------------------------------------------------
     def _create_schema(self):
         """Create (or migrate) the database file, its tables, rollups and triggers."""
         with self._schema_lock:
-            if self._schema_ready:
-                return
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             with _write_transaction(self.path) as conn:
                 migrate(conn)
+            self._schema_identity = _identity(self.path)
             self._schema_ready = True
+
+    def _config_error(self, reason):
+        return ConfigError(f"TELEMETRY_DB={self.path} cannot be opened or created: {reason}")
+
+    def _diagnose(self, exc):
+        """The reason, made specific where SQLite or the OS is vague ("unable to open database file")."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+        parent = folder
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+        if parent and not os.path.isdir(parent):
+            return f"{parent} is a file, not a folder"
+        if os.path.isdir(self.path):
+            return f"{reason} (it is a folder)"
+        if not os.access(folder, os.W_OK):
+            return f"{reason} (the folder {folder} is not writable)"
+        if os.path.exists(self.path) and not os.access(self.path, os.W_OK):
+            return f"{reason} (the file is not writable)"
+        return reason
 
     # -- sink protocol -------------------------------------------------
     def start(self):
-        """Create the schema and start this process's writer thread."""
+        """Open or create the database, claim records an earlier shutdown saved, start the writer.
+
+        Raises config.ConfigError naming TELEMETRY_DB when the file cannot be opened or created; a
+        corrupt file is moved aside and a new one started; a full disk or a locked file is retried
+        by the writer (events are refused meanwhile).
+        """
+        w = _Writer(self.queue_capacity)
+        self._failing, self._failing_since, self._reason = False, None, None
         self._schema_ready = False  # a forked worker checks the file again
-        self._create_schema()
-        self._queue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="local-store-writer", daemon=True)
-        self._thread.start()
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        except OSError as exc:
+            raise self._config_error(self._diagnose(exc)) from None
+        for attempt in (1, 2):
+            try:
+                self._open(w)
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    self._note_failure("full", exc)
+                    break
+                raise self._config_error(self._diagnose(exc)) from None
+            except sqlite3.Error as exc:
+                kind = _classify(exc)
+                if kind == "corrupt" and attempt == 1 and self._quarantine(w, exc):
+                    continue
+                if kind in ("full", "busy", "io"):
+                    self._note_failure(kind, exc)  # the writer keeps trying
+                    break
+                raise self._config_error(self._diagnose(exc)) from None
+        w.claims = self._claim_pending()
+        self._w = w
+        w.thread = threading.Thread(target=self._run, args=(w,), name="local-store-writer", daemon=True)
+        w.thread.start()
 
     # The request path only queues the record; rows are built on the writer thread.
     def track_event(self, rec):
-        """Queue one event."""
-        self._queue.put(("event", rec))
+        """Queue one event; StorageUnavailable when the queue is full or the writer is failing."""
+        if self._failing:
+            raise StorageUnavailable(f"the local store cannot write ({self._reason}); events are refused until it "
+                                     "recovers")
+        w = self._w
+        with w.lock:
+            if len(w.items) < w.room:
+                w.items.append(("event", rec))
+                if w.idle:
+                    w.wake.set()
+                return
+        raise _refusal(w)
 
     def track_request(self, rec):
-        """Queue one request."""
-        self._queue.put(("request", rec))
+        """Queue one request (also while the writer is failing, as long as there is room)."""
+        w = self._w
+        with w.lock:
+            if len(w.items) < w.room:
+                w.items.append(("request", rec))
+                if w.idle:
+                    w.wake.set()
+                return
+        raise _refusal(w)
 
     def track_dependency(self, rec):
         """Queue one dependency."""
-        self._queue.put(("dependency", rec))
+        w = self._w
+        with w.lock:
+            if len(w.items) < w.room:
+                w.items.append(("dependency", rec))
+                if w.idle:
+                    w.wake.set()
+                return
+        raise _refusal(w)
 
     def track_trace(self, record):
         """Queue one log record of the trace logger (a `traces` row)."""
-        self._queue.put(("trace", record))
+        w = self._w
+        with w.lock:
+            if len(w.items) < w.room:
+                w.items.append(("trace", record))
+                if w.idle:
+                    w.wake.set()
+                return
+        raise _refusal(w)
+
+    @staticmethod
+    def _control(w, item):
+        """Queue a control item (flush, stop, prune, check): it never counts against the capacity."""
+        with w.lock:
+            w.items.append(item)
+        w.wake.set()
 
     def flush(self, timeout=10.0):
-        """Wait until every row queued before this call is committed."""
+        """Wait until every row queued before this call is committed (False when that took too long)."""
+        w = self._w
+        if w is None:
+            return True
+        if w.thread is None or not w.thread.is_alive():
+            return not w.held and not w.items
         done = threading.Event()
-        self._queue.put(("flush", done))
+        self._control(w, ("flush", done))
         return done.wait(timeout)
 
-    def close(self, timeout=None):
-        """Write what is queued and stop the writer."""
-        timeout = 30.0 if timeout is None else timeout
-        if self._thread and self._thread.is_alive():
-            self._queue.put(("stop", None))
-            self._thread.join(timeout)
+    def prune(self, timeout=60.0):
+        """Run the retention and size pruning now (on the writer) and wait for it; returns last_prune."""
+        w = self._w
+        if not self._writer_running():
+            raise StorageUnavailable("the local store is not running")
+        done = threading.Event()
+        self._control(w, ("prune", done))
+        done.wait(timeout)
+        return self.last_prune
 
-    def problems(self, grace_s=None):
-        """What is wrong with the store now, for /healthz (the writer thread stopped)."""
-        return [] if self._thread is not None and self._thread.is_alive() else ["local store writer is not running"]
+    def close(self, timeout=None):
+        """Write what is queued within `timeout` seconds (default: shutdown_grace) and stop the writer.
+
+        What could not be written in time -- the batch in hand and the rest of the queue -- is
+        appended to `<db>.pending.jsonl`, which the next start() imports.
+        """
+        w = self._w
+        if w is None or w.closed:
+            return
+        timeout = self.shutdown_grace if timeout is None else max(0.0, timeout)
+        deadline = time.monotonic() + timeout
+        w.closed = True
+        w.room = 0
+        w.stop_deadline = deadline - min(1.0, timeout * 0.25)  # the rest of the time is for saving
+        w.stopping.set()
+        self._control(w, ("stop", None))
+        w.thread.join(max(0.0, w.stop_deadline - time.monotonic()))
+        stuck = w.thread.is_alive()
+        locked = True
+        if stuck:  # inside SQLite (a lock held elsewhere, a slow disk): take the batch over
+            if w.conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    w.conn.interrupt()
+            locked = w.commit_lock.acquire(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+        try:
+            with w.lock:
+                w.abandoned = True
+                leftovers = w.held + [list(w.items)]
+                w.items.clear()
+        finally:
+            if stuck and locked:
+                w.commit_lock.release()
+        w.abort.set()
+        rows, count = self._encode(leftovers)
+        if count and stuck and not locked:
+            log.warning("local store: the writer was stuck in a commit at shutdown; its batch is saved as well "
+                        "(events are stored once, other rows may count twice)")
+        if not count or self._save_pending(rows, count):
+            for claim in w.claims:
+                with contextlib.suppress(OSError):
+                    os.remove(claim)
 
     def health(self):
-        """Counters for /healthz."""
-        return {"started": True, "queued": self._queue.qsize(), "written": self.written,
-                "write_errors": self.write_errors, "writer_alive": self._thread.is_alive()}
+        """Counters and state for /healthz."""
+        w = self._w
+        if w is None:
+            return {"started": False}
+        report = {"started": True, "queued": len(w.items), "queue_capacity": self.queue_capacity,
+                  "written": self.written, "write_errors": self.write_errors,
+                  "writer_alive": w.thread is not None and w.thread.is_alive(),
+                  "failing": self._failing, "last_error": self.last_error,
+                  "retention_days": self.retention_days, "max_mb": self.max_mb, "db_mb": self._db_mb(),
+                  "last_prune": self.last_prune}
+        for key in ("saved", "lost", "imported", "salvaged", "reopened"):
+            if getattr(self, key):
+                report[key] = getattr(self, key)
+        if self.quarantined:
+            report["quarantined"] = list(self.quarantined)
+        return report
+
+    def problems(self, grace_s=None):
+        """What is wrong with the store now, in short sentences, for /healthz (empty when all is well).
+
+        `grace_s` (the Azure sink's outage grace) does not apply: while the writer fails, events
+        are refused at once.
+        """
+        w = self._w
+        if w is None or w.thread is None or not w.thread.is_alive():
+            return ["local store writer is not running"]
+        out = []
+        if self._failing:
+            since = time.monotonic() - (self._failing_since or time.monotonic())
+            out.append(f"local store writer failing for {since:.0f} s: {self._reason} ({self.last_error}); "
+                       "events are refused")
+        queued = len(w.items)
+        if queued >= _QUEUE_WARN * self.queue_capacity:
+            out.append(f"local store queue {100 * queued // self.queue_capacity} % full "
+                       f"({queued} of {self.queue_capacity})")
+        if self._size_problem:
+            out.append(self._size_problem)
+        if self.lost:
+            out.append(f"local store lost {self.lost} records at shutdown (the pending file could not be written)")
+        return out
+
+    def _db_mb(self):
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(self.path + suffix)
+        return round(total / _MB, 3)
 
     # -- writer ----------------------------------------------------------
-    def _run(self):
-        """Writer loop: batch records until batch_size or flush_interval, then commit once."""
+    def _run(self, w):
+        """The writer thread: one transaction per batch; recovery and maintenance in between."""
         mark_internal_thread()
-        conn = connect(self.path)
-        get = self._queue.get
-        stopping = False
-        while not stopping:
-            item = get()
-            batch = {"event": [], "request": [], "dependency": [], "trace": []}
-            waiters = []
-            deadline = time.monotonic() + self.flush_interval
-            count = 0
-            while True:
-                kind, payload = item
-                if kind == "stop":
-                    stopping = True
-                elif kind == "flush":
-                    waiters.append(payload)
-                else:
-                    batch[kind].append(payload)
-                    count += 1
-                if stopping or waiters or count >= self.batch_size:
-                    break
-                try:
-                    item = get(False)
-                except queue.Empty:
-                    try:
-                        item = get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
-            if count:
-                self._write(conn, batch, count)
+        try:
+            self._load_claims(w)
+            self._write_loop(w)
+        except BaseException as exc:  # a bug: refuse events rather than accept what nobody will write
+            self._note_failure("other", exc)
+            self._reason = "writer stopped"
+            log.exception("local store writer for %s stopped", self.path)
+        finally:
+            self._drop_conn(w)
+
+    def _write_loop(self, w):
+        waiters = []
+        while not w.abandoned:
+            if w.stopping.is_set() and time.monotonic() >= w.stop_deadline:
+                return  # close() saves what is left
+            if not w.held:
+                waiters = self._gather(w)
+            if w.held:
+                delay = self._commit(w)
+                if delay is not None:  # not written: the batch stays in hand
+                    if delay:
+                        w.abort.wait(min(delay, max(0.0, w.stop_deadline - time.monotonic())))
+                    continue
             for waiter in waiters:
                 waiter.set()
-        conn.close()
+            waiters = []
+            if w.stopping.is_set():
+                if not w.items:
+                    return
+                continue
+            self._maintain(w)
+
+    def _gather(self, w):
+        """Take the next batch into w.held: up to batch_size records, or what came within flush_interval."""
+        count, waiters, deadline = 0, [], None
+        timeout = 0.0 if w.job is not None or w.job_waiters or w.stopping.is_set() else _IDLE_TICK
+        while True:
+            items = self._take(w, self.batch_size - count, timeout)
+            if items:
+                for kind, payload in items:
+                    if kind in _TABLE_OF:
+                        count += 1
+                    elif kind == "flush":
+                        waiters.append(payload)
+                    elif kind == "prune":
+                        w.job_waiters.append(payload)
+                        w.next_retention, w.next_size_check = -math.inf, 0.0
+                    elif kind == "check":
+                        w.check_now = True
+            elif deadline is None:
+                break  # idle
+            if deadline is None:
+                deadline = time.monotonic() + self.flush_interval
+            if waiters or count >= self.batch_size or w.stopping.is_set() or w.check_now or w.job_waiters:
+                break
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+        return waiters
+
+    @staticmethod
+    def _take(w, limit, timeout):
+        """Move up to `limit` queue items into w.held (waiting up to `timeout` for the first); return them."""
+        dq = w.items
+        if not dq and timeout > 0 and not w.stopping.is_set():
+            w.wake.clear()
+            w.idle = True
+            if not dq:  # checked again after `idle` is set: a put after this sets `wake`
+                w.wake.wait(timeout)
+            w.idle = False
+        with w.lock:
+            n = min(len(dq), max(limit, 1))
+            if not n:
+                return None
+            popleft = dq.popleft
+            items = [popleft() for _ in range(n)]
+            w.held.append(items)
+        return items
+
+    def _commit(self, w):
+        """Write the batch in hand in one transaction: None when done, else seconds to wait before retrying."""
+        if w.encoded is None:
+            w.encoded = self._encode(w.held)
+        rows, count = w.encoded
+        if not count:
+            with w.commit_lock:
+                w.held, w.encoded = [], None
+            return None
+        try:
+            conn = w.conn or self._open(w)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for kind, params in rows.items():
+                    _insert_many(conn, kind, params)
+                with w.commit_lock:
+                    if w.abandoned:  # close() saved this batch: never write it as well
+                        _rollback(conn)
+                        return None
+                    conn.execute("COMMIT")
+                    replaced = _identity(self.path) != w.identity
+                    if not replaced:
+                        w.held, w.encoded = [], None
+            except BaseException:
+                _rollback(conn)
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            return self._recover(w, exc)
+        if replaced:  # the file was replaced or deleted: the batch may have gone to the old one
+            return self._recover(w, None)
+        self.written += count
+        w.attempts = 0
+        if w.claims:
+            self.imported += count
+            log.info("local store imported %d records saved at an earlier shutdown", count)
+            for claim in w.claims:
+                with contextlib.suppress(OSError):
+                    os.remove(claim)
+            w.claims = []
+        if self._failing:
+            if self._reason == _REASONS["full"]:
+                self._checkpoint(w)
+            self._recovered()
+        return None
+
+    @staticmethod
+    def _checkpoint(w):
+        """Move the write-ahead log into the database and truncate it: on a full disk, the space it held.
+
+        SQLite checkpoints on its own only once the log reaches 1000 pages; until then a disk too
+        full for the log to grow stays full however much room the log would give back.
+        """
+        if w.conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                w.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _recover(self, w, exc):
+        """Classify a failed write and repair what can be; the seconds to wait before the next attempt."""
+        w.attempts += 1
+        if exc is None:
+            kind = "replaced"
+        elif isinstance(exc, OSError):
+            kind = "full" if exc.errno == errno.ENOSPC else "cantopen"
+        else:
+            kind = _classify(exc)
+        if kind == "corrupt":
+            if self._quarantine(w, exc):
+                return 0.0
+        elif kind == "replaced" or w.conn is not None and _identity(self.path) != w.identity:
+            log.warning("local store: %s was replaced or deleted while open; writing to the file at that path now",
+                        self.path)
+            self.reopened += 1
+            self._drop_conn(w)
+            if w.attempts <= 3:
+                return 0.0
+        elif kind == "full":
+            self._checkpoint(w)
+        elif kind != "busy":
+            self._drop_conn(w)  # reopened (and its schema checked) by the next attempt
+        self._note_failure(kind if kind in _REASONS else "other", exc or "file replaced")
+        return min(_BACKOFF_MIN * 2 ** (w.attempts - 1), _BACKOFF_MAX)
+
+    def _note_failure(self, kind, exc):
+        reason = _REASONS[kind]
+        self.last_error = str(exc)
+        now = time.monotonic()
+        self._reason = reason
+        if not self._failing:
+            self._failing_since = now
+            self._failing = True
+            self._next_failure_log = now + _FAILURE_LOG_INTERVAL
+            log.error("local store cannot write to %s: %s (%s); retrying, events are refused until it recovers",
+                      self.path, reason, exc)
+        elif now >= self._next_failure_log:
+            self._next_failure_log = now + _FAILURE_LOG_INTERVAL
+            w = self._w
+            log.error("local store still cannot write to %s after %.0f s: %s (%s); %d records queued",
+                      self.path, now - self._failing_since, reason, exc, len(w.items) if w else 0)
+
+    def _recovered(self):
+        log.warning("local store writes to %s resumed after %.1f s", self.path,
+                    time.monotonic() - self._failing_since)
+        self._failing, self._failing_since, self._reason = False, None, None
+
+    def _open(self, w):
+        """(Re)open the writer's connection, creating the folder, the file and its schema when needed."""
+        with self._gate.switching():
+            # The -wal and -shm of a file replaced or deleted while open are its own: a new file at
+            # the same path would read the old log as its own pages. Those still at the path are
+            # removed (once this connection, which holds them, is closed); another worker's are kept.
+            current = _identity(self.path)
+            stale = [] if current is None or current == w.identity else [
+                self.path + suffix for suffix, ident in w.sidecars.items() if _identity(self.path + suffix) == ident]
+            self._drop_conn(w)
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            if not os.path.exists(self.path):
+                _remove_stale_sidecars(self.path)
+            for sidecar in stale:
+                with contextlib.suppress(OSError):
+                    os.remove(sidecar)
+            conn = connect(self.path)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                migrate(conn)
+                conn.execute("COMMIT")
+                identity = _identity(self.path)
+                if identity is None:
+                    raise sqlite3.OperationalError("unable to open database file (it vanished)")
+            except BaseException:
+                _rollback(conn)
+                _close_quietly(conn)
+                raise
+            w.conn, w.identity = conn, identity
+            w.sidecars = {suffix: _identity(self.path + suffix) for suffix in ("-wal", "-shm")}
+            w.salvage_scan = True
+            self._schema_identity, self._schema_ready = identity, True
+        return conn
+
+    @staticmethod
+    def _drop_conn(w):
+        """Close the writer's connection (w.identity and w.sidecars stay: they name the file it had open)."""
+        conn, w.conn = w.conn, None
+        _close_quietly(conn)
+
+    def _quarantine(self, w, exc):
+        """Move a corrupt database (with its -wal/-shm) aside as <name>.corrupt-<UTC time>: ONE error line."""
+        with self._gate.switching():
+            found = _identity(self.path)
+            self._drop_conn(w)
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            target, n = f"{self.path}.corrupt-{stamp}", 1
+            while os.path.exists(target):
+                target, n = f"{self.path}.corrupt-{stamp}-{n}", n + 1
+            try:
+                if found is not None and _identity(self.path) == found:  # not already replaced by another process
+                    os.replace(self.path, target)
+                    for suffix in ("-wal", "-shm"):
+                        if os.path.exists(self.path + suffix):
+                            os.replace(self.path + suffix, target + suffix)
+            except OSError as move_exc:
+                self._note_failure("corrupt", f"{exc}; cannot move it aside: {move_exc}")
+                return False
+        self.quarantined.append(target)
+        w.salvage_new.append(target)
+        log.error("local store: %s is corrupt (%s); moved it aside to %s and started a new store (its readable rows "
+                  "are copied back in the background)", self.path, exc, target)
+        return True
+
+    def _encode(self, held):
+        """(rows by insert kind, count) of queue items: records, and rows imported from a pending file."""
+        groups = {kind: [] for kind in _RECORD_KINDS}
+        rows = {}
+        for items in held:
+            for kind, payload in items:
+                group = groups.get(kind)
+                if group is not None:
+                    group.append(payload)
+                elif kind == "rows":
+                    for key, params in payload.items():
+                        rows.setdefault(key, []).extend(params)
+        for kind, records in groups.items():
+            if records:
+                encoded = self._encode_kind(kind, records)
+                if encoded:
+                    rows.setdefault(kind, []).extend(encoded)
+        return rows, sum(len(params) for params in rows.values())
+
+    def _encode_kind(self, kind, records):
+        try:
+            return self._rows(kind, records)
+        except Exception:  # a malformed record must not stop the writer nor cost the others
+            good, bad = [], 0
+            for rec in records:
+                try:
+                    good.extend(self._rows(kind, [rec]))
+                except Exception:
+                    bad += 1
+            self.write_errors += bad
+            log.error("local store could not encode %d %s record(s); dropped them", bad, kind)
+            return good
 
     @staticmethod
     def _rows(kind, records):
@@ -554,46 +1210,488 @@ class LocalStore:
         return [(rec.timestamp, _day(rec.timestamp), rec.type, rec.target, rec.name, rec.result_code,
                  int(rec.success), rec.duration_ms, rec.operation_id) for rec in records]
 
-    def _write(self, conn, batch, count):
-        """Commit one batch in a single transaction, retrying while the database is locked."""
+    # -- what close() could not write -------------------------------------------------------
+    @property
+    def pending_path(self):
+        """The JSON-lines file close() saves unwritten records to (one {"kind", "row"} object a line)."""
+        return self.path + ".pending.jsonl"
+
+    def _save_pending(self, rows, count):
+        """Append rows to the pending file; ONE error line with the count when even that fails."""
+        path = self.pending_path
+        size = None
         try:
-            rows = {kind: self._rows(kind, records) for kind, records in batch.items() if records}
-        except Exception:  # a malformed record must not stop the writer
-            log.exception("local store could not encode a batch of %d records; dropped", count)
-            self.write_errors += count
-            return
-        for attempt in range(50):
+            lines = []
+            for key, params in rows.items():
+                kind = key.split()[-1]  # "ignore event" -> "event"
+                columns = _COLUMNS[kind]
+                lines.extend(json.dumps({"kind": kind, "row": dict(zip(columns, row))}, separators=(",", ":"))
+                             for row in params)
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except (OSError, TypeError, ValueError) as exc:
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.truncate(path, size)  # no half record for the next start to trip on
+            self.lost += count
+            log.error("local store lost %d records at shutdown: they could not be written to %s nor saved to %s (%s)",
+                      count, self.path, path, exc)
+            return False
+        self.saved += count
+        log.warning("local store saved %d records it could not write in time to %s; the next start imports them",
+                    count, path)
+        return True
+
+    def _claim_pending(self):
+        """Rename the pending file (and claims of dead processes) to this process's claims; return them."""
+        base, pid = self.pending_path, os.getpid()
+        candidates = [base] if os.path.exists(base) else []
+        for path in sorted(glob.glob(glob.escape(base) + ".*.*")):
+            owner = path[len(base) + 1:].split(".")[0]
+            if owner.isdigit() and (int(owner) == pid or not _pid_alive(int(owner))):
+                candidates.append(path)
+        claims = []
+        for n, path in enumerate(candidates):
+            claim = f"{base}.{pid}.{n}"
+            while claim in candidates[n + 1:] or (claim != path and os.path.exists(claim)):
+                claim += "x"
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                for kind, params in rows.items():
-                    _insert_many(conn, kind, params)
-                conn.execute("COMMIT")
-                self.written += count
+                os.replace(path, claim)
+            except OSError:  # another worker claimed it first
+                continue
+            claims.append(claim)
+        return claims
+
+    def _load_claims(self, w):
+        """Put the rows of the claimed pending files in hand: the writer's first batch."""
+        rows, bad = {}, 0
+        for claim in w.claims:
+            try:
+                with open(claim, encoding="utf-8") as fh:
+                    for line in fh:
+                        if not line.strip():
+                            continue
+                        try:
+                            item = json.loads(line)
+                            kind, row = item["kind"], item["row"]
+                            columns = _COLUMNS[kind]
+                            rows.setdefault(f"ignore {kind}", []).append(
+                                tuple(row.get(c, _COLUMN_DEFAULTS.get(c)) for c in columns))
+                        except (ValueError, KeyError, TypeError, AttributeError):
+                            bad += 1
+            except OSError as exc:
+                log.error("local store cannot read %s (%s); it is left for the next start", claim, exc)
+        if bad:
+            log.error("local store skipped %d unreadable line(s) of %s", bad, self.pending_path)
+        if rows:
+            w.held.append([("rows", rows)])
+        elif w.claims:
+            for claim in w.claims:
+                with contextlib.suppress(OSError):
+                    os.remove(claim)
+            w.claims = []
+
+    # -- maintenance between batches ---------------------------------------------------------
+    def _maintain(self, w):
+        """Notice a replaced, deleted or corrupt file; run one step of salvage or pruning."""
+        now = time.monotonic()
+        if w.check_now or now >= w.next_check:
+            w.check_now = False
+            w.next_check = now + _CHECK_INTERVAL
+            if w.conn is None or _identity(self.path) != w.identity:
+                if w.conn is not None:
+                    log.warning("local store: %s was replaced or deleted while open; reopening it", self.path)
+                    self.reopened += 1
+                try:
+                    self._open(w)
+                except (sqlite3.Error, OSError) as exc:
+                    self._recover(w, exc)
+                    return
+                if self._failing and not w.held:
+                    self._recovered()
+            if self._suspect:
+                self._suspect = False
+                self._verify(w)
+        if w.conn is None:  # moved aside just now, or not opened yet: start the file at once
+            try:
+                self._open(w)
+            except (sqlite3.Error, OSError) as exc:
+                self._recover(w, exc)
                 return
-            except sqlite3.OperationalError as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                log.warning("local store write failed (attempt %d): %s", attempt + 1, exc)
-                time.sleep(min(0.05 * (attempt + 1), 1.0))
-        self.write_errors += count
-        log.error("local store dropped a batch of %d rows after 50 attempts", count)
+            if self._failing and not w.held:
+                self._recovered()
+        if w.job is None:
+            w.job = self._next_job(w)
+            if w.job is None:
+                for waiter in w.job_waiters:
+                    waiter.set()
+                w.job_waiters = []
+                return
+        try:
+            next(w.job)
+        except StopIteration:
+            w.job = None
+        except (sqlite3.Error, OSError) as exc:
+            w.job = None
+            if isinstance(exc, sqlite3.Error) and _classify(exc) == "corrupt":
+                self._quarantine(w, exc)
+            else:
+                log.warning("local store maintenance of %s failed (%s); it is tried again later", self.path, exc)
+
+    def _verify(self, w):
+        """A reader saw a corrupt page: check the file with a fresh connection; move it aside if corrupt."""
+        try:
+            probe = sqlite3.connect(self.path, timeout=5, factory=connection_factory)
+            try:
+                result = probe.execute("PRAGMA quick_check(1)").fetchone()[0]
+            finally:
+                probe.close()
+        except sqlite3.Error as exc:
+            if _classify(exc) != "corrupt":
+                return
+            result = str(exc)
+        if result != "ok":
+            self._quarantine(w, sqlite3.DatabaseError(f"quick_check: {result}"))
+
+    def _next_job(self, w):
+        """The maintenance due now (a generator), or None."""
+        if w.salvage_new or w.salvage_scan:
+            job = self._salvage_job(w)
+            if job is not None:
+                return job
+        now = self.clock()
+        if now >= w.next_retention:
+            w.next_retention = now + _PRUNE_INTERVAL
+            return self._retention_job(w, now)
+        if time.monotonic() >= w.next_size_check:
+            w.next_size_check = time.monotonic() + _SIZE_CHECK_INTERVAL
+            used = self._used_mb(w.conn)
+            if used > self.max_mb:
+                return self._size_job(w, used)
+            self._size_problem = None
+        return None
+
+    @staticmethod
+    def _used_mb(conn):
+        """Megabytes of the database's pages in use (the file never shrinks: free pages are reused)."""
+        pages, free, size = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                             for p in ("page_count", "freelist_count", "page_size"))
+        return (pages - free) * size / _MB
+
+    def _step(self, w, work):
+        """One maintenance transaction: work(conn), keeping the rollups' 'complete' marker as it was."""
+        conn = w.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            marker = conn.execute("SELECT value FROM store_meta WHERE key = 'rollups'").fetchone()
+            result = work(conn)
+            # Deleting whole old days (their rollups first) keeps the rollups exact: put back the marker
+            # the raw tables' *_delete_stale triggers removed.
+            if marker and marker[0] == "complete" and conn.execute(
+                    "SELECT 1 FROM store_meta WHERE key = 'rollups'").fetchone() is None:
+                conn.execute("INSERT INTO store_meta (key, value) VALUES ('rollups', 'complete')")
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return result
+
+    def _retention_job(self, w, now):
+        cutoff = _day(now - self.retention_days * _DAY_SECONDS)
+        counts = yield from self._prune_before(w, cutoff)
+        self.last_prune = {"at": _iso(now), "reason": "retention", "before": cutoff, "rows": counts}
+        if any(counts.values()):
+            log.info("local store pruned the rows before %s (LOCAL_RETENTION_DAYS=%d): %s", cutoff,
+                     self.retention_days, _describe(counts))
+
+    def _size_job(self, w, used):
+        today = _day(self.clock())
+        first = last = None
+        counts = collections.Counter()
+        before = used
+        while used > self.max_mb:
+            oldest = self._oldest_day(w.conn)
+            if oldest is None or oldest >= today:
+                self._size_problem = (f"database uses {used:.1f} MB, over LOCAL_MAX_MB={self.max_mb:g}, with only "
+                                      "today's rows left")
+                log.error("local store: %s", self._size_problem)
+                break
+            following = _day(_midnight(oldest) + _DAY_SECONDS)
+            counts.update((yield from self._prune_before(w, following)))
+            first, last = first or oldest, oldest
+            used = self._used_mb(w.conn)
+        if first:
+            self.last_prune = {"at": _iso(self.clock()), "reason": "size", "before": _day(_midnight(last) + _DAY_SECONDS),
+                               "rows": dict(counts)}
+            log.warning("local store: the database used %.1f MB, over LOCAL_MAX_MB=%g: pruned the oldest day(s) %s "
+                        "(%s); %.1f MB used now", before, self.max_mb, first if first == last else f"{first} to {last}",
+                        _describe(counts), used)
+
+    @staticmethod
+    def _oldest_day(conn):
+        days = [conn.execute(f"SELECT MIN(ts) FROM {table}").fetchone()[0] for table in _TABLE_OF.values()]
+        oldest = [_day(ts) for ts in days if ts is not None]
+        oldest += [d for (d,) in (conn.execute(f"SELECT MIN(day) FROM {t}").fetchone()
+                                  for t in ("ev_day", "req_day", "dep_day")) if d is not None]
+        return min(oldest) if oldest else None
+
+    def _prune_before(self, w, cutoff):
+        """Delete every raw and rollup row of the days before `cutoff` (YYYY-MM-DD), a short transaction a step.
+
+        The rollups of those days go first: once they are gone, deleting the raw rows keeps the
+        rollups equal to the raw rows, so the 'complete' marker stays true (the raw tables'
+        *_delete_stale triggers remove it; each step puts it back). A last sweep of the rollups
+        removes what rows written meanwhile for those days added.
+        """
+        counts = collections.Counter()
+        yield from self._prune_rollups(w, cutoff)
+        cutoff_ts = _midnight(cutoff)
+        for kind, table in _TABLE_OF.items():
+            while True:
+                n = self._step(w, lambda conn: _delete_raw_chunk(conn, table, cutoff_ts))
+                counts[table] += n
+                yield
+                if n < _CHUNK:
+                    break
+        yield from self._prune_rollups(w, cutoff)
+        return {table: counts[table] for table in _TABLE_OF.values()}
+
+    def _prune_rollups(self, w, cutoff):
+        for table, key, where in _ROLLUP_PRUNE:
+            while True:
+                n = self._step(w, lambda conn: _delete_chunk(conn, table, key, where, (cutoff,)))
+                yield
+                if n < _CHUNK:
+                    break
+        for table, key, column in _ROLLUP_PRUNE_BY_NAME:
+            position = self._step(w, lambda conn: _delete_by_name(conn, table, key, column, cutoff, None))
+            yield
+            while position is not None:
+                position = self._step(w, lambda conn: _delete_by_name(conn, table, key, column, cutoff, position))
+                yield
+
+    # -- salvage: readable rows of a corrupt file, newest first ---------------------------------
+    def _salvage_job(self, w):
+        """The salvage to run (recorded in store_meta, so a restart goes on where it stopped), or None."""
+        conn = w.conn
+        if w.salvage_new:
+            with contextlib.suppress(sqlite3.Error):
+                self._step(w, lambda c: c.executemany(
+                    "INSERT OR IGNORE INTO store_meta (key, value) VALUES (?, ?)",
+                    [(f"salvage:{path}", json.dumps({"path": path, "owner": os.getpid()}))
+                     for path in w.salvage_new]))
+                w.salvage_new = []
+        w.salvage_scan = False
+        for key, value in conn.execute("SELECT key, value FROM store_meta WHERE key >= 'salvage:' AND key < 'salvage;'"):
+            state = json.loads(value)
+            owner = state.get("owner")
+            if owner not in (None, os.getpid()) and _pid_alive(owner):
+                continue  # another worker is copying it
+            state["owner"] = os.getpid()
+            w.salvage_scan = True  # look again when this one is done
+            return self._salvage(w, key, state)
+        return None
+
+    def _salvage(self, w, key, state):
+        """Copy the rows of a corrupt file newest first, stepping past pages that cannot be read.
+
+        Errors of the corrupt file end the copy (logged); errors of the store propagate, and
+        the copy goes on from its recorded position later.
+        """
+        path = state["path"]
+        try:
+            source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw", uri=True,
+                                     timeout=5, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            source, state["error"] = None, str(exc)
+        try:
+            for kind in _RECORD_KINDS if source is not None else ():
+                if kind in state.get("done", ()):
+                    continue
+                sql = (f"SELECT rowid, {', '.join(_COLUMNS[kind])} FROM {_TABLE_OF[kind]} WHERE rowid < ?"
+                       " ORDER BY rowid DESC")
+                cursor, skip = state.get("cursor", {}).get(kind, 2 ** 63 - 1), 0
+                while cursor > 0:
+                    rows, unreadable = [], None
+                    try:
+                        for row in source.execute(sql, (cursor,)):
+                            rows.append(row)
+                            if len(rows) >= _CHUNK:
+                                break
+                    except sqlite3.DatabaseError as exc:
+                        unreadable = exc
+                    if unreadable is not None and not rows and (
+                            _classify(unreadable) == "schema" or "not a database" in str(unreadable)):
+                        if _classify(unreadable) != "schema":
+                            state["error"] = str(unreadable)
+                        break  # no such table in this (older) file, or no database at all
+                    if rows:
+                        cursor, skip = rows[-1][0], 0
+                    elif unreadable is not None:  # the next page down cannot be read: step past it
+                        state["unreadable"] = state.get("unreadable", 0) + (not skip)
+                        skip = skip * 2 or 1
+                        cursor -= skip
+                        continue
+                    else:
+                        break  # no row left below the cursor
+                    state.setdefault("cursor", {})[kind] = cursor
+                    state["rows"] = state.get("rows", 0) + len(rows)
+                    self._step(w, _salvage_step(kind, [row[1:] for row in rows], key, state))
+                    self.salvaged += len(rows)
+                    yield
+                if state.get("error"):
+                    break
+                state.setdefault("done", []).append(kind)
+        finally:
+            _close_quietly(source)
+        self._step(w, lambda conn: conn.execute("DELETE FROM store_meta WHERE key = ?", (key,)))
+        if state.get("error"):
+            log.warning("local store could not copy the rows of %s (%s); %d rows copied", path, state["error"],
+                        state.get("rows", 0))
+        else:
+            log.warning("local store copied %d readable rows back from %s (%d unreadable ranges skipped)",
+                        state.get("rows", 0), path, state.get("unreadable", 0))
 
     # -- usage -------------------------------------------------------------
     def rows(self, start, end):
         """Usage section rows (the shape monitoring_utils builds from) for [start, end]."""
-        if not self._schema_ready:
-            self._create_schema()
         t0, t1 = start.timestamp(), end.timestamp()
-        conn = connect(self.path)
-        try:
-            conn.execute("BEGIN")  # one snapshot for every section
-            try:
-                result = list(_usage_rows(conn, t0, t1, self.top))
-            finally:
-                conn.execute("COMMIT")
-        finally:
-            conn.close()
-        return result
+        for attempt in (1, 2):
+            missing = self._prepare_read(force=attempt == 2)
+            with self._gate.reading():
+                if missing:  # deleted and not recreated yet: an empty store's figures
+                    conn = sqlite3.connect(":memory:")
+                    conn.executescript(_SCHEMA)
+                else:
+                    conn = connect(self.path)
+                try:
+                    conn.execute("BEGIN")  # one snapshot for every section
+                    try:
+                        return list(_usage_rows(conn, t0, t1, self.top))
+                    finally:
+                        _rollback(conn)
+                except sqlite3.DatabaseError as exc:
+                    kind = _classify(exc)
+                    if kind == "schema" and attempt == 1:
+                        continue
+                    if kind == "corrupt":
+                        self._report_corrupt()
+                        from log_analytics import UsageQueryError
+                        raise UsageQueryError("the local store is damaged and is being recovered; try again shortly",
+                                              status=503, retry_after=5) from None
+                    raise
+                finally:
+                    conn.close()
+
+    def _writer_running(self):
+        w = self._w
+        return w is not None and not w.closed and w.thread is not None and w.thread.is_alive()
+
+    def _prepare_read(self, force=False):
+        """Make sure the file has its tables; True when it is missing and the writer has not recreated it yet.
+
+        While the writer runs, only the writer creates the file (it first closes its connection to
+        the old one, which removes the old -wal and -shm).
+        """
+        if self._writer_running():
+            if _identity(self.path) != self._schema_identity:
+                self._control(self._w, ("check", None))
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline and (_identity(self.path) is None
+                                                       or _identity(self.path) != self._schema_identity):
+                    time.sleep(0.01)
+            if _identity(self.path) is None:
+                return True
+            if force:
+                self._create_schema()
+            return False
+        if force or not self._schema_ready or _identity(self.path) != self._schema_identity:
+            self._create_schema()
+        return False
+
+    def _report_corrupt(self):
+        """A read saw a corrupt page: the writer checks the file and moves it aside."""
+        self._suspect = True
+        if self._writer_running():
+            self._control(self._w, ("check", None))
+
+
+def _refusal(w):
+    if w.closed:
+        return StorageUnavailable("the local store is closed")
+    return StorageUnavailable("the local store cannot take more records (queue full)")
+
+
+def _salvage_step(kind, params, key, state):
+    """The transaction of one salvage step: the rows, and the progress that goes with them."""
+    def work(conn):
+        if params:
+            _insert_many(conn, f"ignore {kind}", params)
+        conn.execute("UPDATE store_meta SET value = ? WHERE key = ?", (json.dumps(state), key))
+    return work
+
+
+def _describe(counts):
+    return ", ".join(f"{table} {n}" for table, n in counts.items() if n) or "nothing"
+
+
+def _delete_chunk(conn, table, key, where, params):
+    """Delete up to _CHUNK rows of `table` matching `where`; the number deleted."""
+    return conn.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE {where}"
+                        f" LIMIT {_CHUNK})", params).rowcount
+
+
+def _delete_raw_chunk(conn, table, cutoff_ts):
+    """Delete about _CHUNK of the oldest rows of a raw table dated before cutoff_ts (by its ts index)."""
+    bound = conn.execute(f"SELECT ts FROM {table} WHERE ts < ? ORDER BY ts LIMIT 1 OFFSET {_CHUNK - 1}",
+                         (cutoff_ts,)).fetchone()
+    where, params = ("ts < ? AND ts <= ?", (cutoff_ts, bound[0])) if bound else ("ts < ?", (cutoff_ts,))
+    if table == "events":  # a client's event id may be sent again once its event is gone
+        conn.execute(f"DELETE FROM client_event_ids WHERE event_id IN"
+                     f" (SELECT event_id FROM events WHERE {where} AND client_id = 1)", params)
+    return conn.execute(f"DELETE FROM {table} WHERE {where}", params).rowcount
+
+
+def _delete_by_name(conn, table, key, column, cutoff, start):
+    """Delete the rows of `table` dated before cutoff, name by name from `start`, about _CHUNK rows at most.
+
+    These tables are keyed by name first: one key range per name (the next name is found by a
+    seek, not a scan). `start` is (name, inclusive) or None for the first name; returns where the
+    next transaction goes on, or None when every name is done.
+    """
+    deleted = 0
+    for _ in range(100):
+        if start is None:
+            row = conn.execute(f"SELECT MIN(name) FROM {table}").fetchone()
+        else:
+            row = conn.execute(f"SELECT name FROM {table} WHERE name {'>=' if start[1] else '>'} ?"
+                               " ORDER BY name LIMIT 1", (start[0],)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        name = row[0]
+        n = _delete_chunk(conn, table, key, f"name = ? AND {column} < ?", (name, cutoff))
+        deleted += n
+        if n >= _CHUNK:
+            return (name, True)  # more of this name in the next transaction
+        start = (name, False)
+        if deleted >= _CHUNK:
+            break
+    return start
+
+
+# Rollup tables keyed (or indexed) by day first: deleted by day; the *_last tables by their last_day index.
+_ROLLUP_PRUNE = tuple((table, key, "day < ?") for table, key in (
+    ("ev_day", "day, name"), ("ev_user_day", "day, user_id"), ("ev_day_users", "day"),
+    ("ev_anonymous_day", "day, id"), ("ev_session_day", "day, id"), ("crud_day", "rowid"),
+    ("req_day", "day, name"), ("req_hist_all", "day, bucket"), ("dep_day", "day, type, target"))) + (
+    ("ev_user_last", "user_id", "last_day < ?"), ("ev_anonymous_last", "id", "last_day < ?"),
+    ("ev_session_last", "id", "last_day < ?"))
+# Rollup tables keyed by name first.
+_ROLLUP_PRUNE_BY_NAME = (("ev_name_user_day", "name, day, user_id", "day"), ("req_hist", "name, day, bucket", "day"),
+                         ("ev_name_user_last", "name, user_id", "last_day"))
 
 
 def _row(section, **values):

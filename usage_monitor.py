@@ -12,7 +12,7 @@ import request_tracking
 import security
 import views
 from config import load_settings
-from local_store import LocalStore
+from local_store import LocalStore, StorageUnavailable
 from log_analytics import LogAnalyticsUsageSource
 from telemetry import (EXTENSION_NAME, TelemetryUnavailable, current_monitor, forget_started, install_trace_forwarder,
                        monitor_of, set_last_started, stringify)
@@ -73,8 +73,7 @@ class UsageMonitor:
             self.sink = AzureSink(settings)
             self.source, self.source_name = self._log_analytics_source(), "azure_monitor"
         else:
-            self.sink = LocalStore(settings.telemetry_db, settings.local_batch_size, settings.local_flush_interval,
-                                   top=settings.usage_top)
+            self.sink = LocalStore.from_settings(settings)
             self.source, self.source_name = self.sink, "local"
 
     def _log_analytics_source(self):
@@ -123,13 +122,15 @@ class UsageMonitor:
         return self
 
     def _hand_over(self, kind, record):
-        """Give one record to the sink; an operational failure is counted, logged and reported as False."""
+        """Give one record to the sink: True, or (counted and logged) the reason it could not take it."""
         try:
             getattr(self._started_sink(), f"track_{kind}")(record)
             return True
         except Exception as exc:  # any sink failure: counted and logged, never raised into the host
             self._failed(kind, exc)
-            return False
+            # The store's own refusals say why in words fit for a client (queue full, disk full);
+            # anything else may name paths or endpoints: it is in the log, not in the answer.
+            return str(exc) if isinstance(exc, StorageUnavailable) else f"telemetry could not record the {kind}"
 
     def _failed(self, kind, exc):
         """Count a record the sink could not take; log the first failure and then at most once a minute."""
@@ -142,8 +143,9 @@ class UsageMonitor:
 
     def track_event(self, record):
         """Queue one custom event; returns its event_id, or raises TelemetryUnavailable."""
-        if not self._hand_over("event", record):
-            raise TelemetryUnavailable("telemetry could not record the event")
+        reason = self._hand_over("event", record)
+        if reason is not True:
+            raise TelemetryUnavailable(reason)
         return record.event_id
 
     def track_request(self, record):
