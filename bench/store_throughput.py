@@ -31,7 +31,9 @@ from telemetry import monitor_of  # noqa: E402
 
 
 def run(events, db, batch_size, profile=None):
-    app = create_app({"TELEMETRY_DB": db, "LOCAL_BATCH_SIZE": str(batch_size), "LOG_LEVEL": "WARNING"})
+    # The queue must hold the whole burst: this measures throughput, not the 503 of a full queue.
+    app = create_app({"TELEMETRY_DB": db, "LOCAL_BATCH_SIZE": str(batch_size), "LOG_LEVEL": "WARNING",
+                      "LOCAL_QUEUE_CAPACITY": str(max(100_000, events + 1_000))})
     telemetry = monitor_of(app)
     details = {"format": "pdf", "pages": 3, "ok": True}
     with app.app_context():
