@@ -16,13 +16,13 @@ from opencensus.common.schedule import QueueEvent
 from opencensus.ext.azure.log_exporter import AzureEventHandler, AzureLogHandler
 from opencensus.ext.azure.metrics_exporter import MetricsExporter
 from opencensus.ext.azure.trace_exporter import AzureExporter
-from opencensus.trace.samplers import ProbabilitySampler
 from opencensus.trace.span import SpanKind
 from opencensus.trace.span_context import SpanContext
 from opencensus.trace.span_data import SpanData
 from opencensus.trace.status import Status
 
 import system_health
+from sampling import Sampler
 import telemetry
 from delivery import Courier, DeliveryStats, ReliableExporterMixin, outbox_summary
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(telemetry.TRACE_LOGGER)
 
 EVENT_LOGGER = "telemetry.events"
 _ZERO_TRACE = "0" * 32
+_SAMPLE_RATE = "sampling.rate"  # a span attribute carrying the kept fraction to the envelope (then removed)
 
 _lock = threading.Lock()
 _registry = {}  # (pid, settings) -> handlers of one Azure configuration in this process
@@ -249,7 +250,9 @@ class AzureSink:
         self.stats = DeliveryStats()
         self._events = self._event_handler = self._log_handler = None
         self._traces = self._metrics = self._producer = self._courier = None
-        self._sampler = ProbabilitySampler(settings.trace_sampling_rate)
+        self._sampler = Sampler(settings.trace_sampling, rate=settings.trace_sampling_rate,
+                                target_per_s=settings.trace_sampling_target,
+                                interval_s=settings.trace_sampling_interval)
 
     def start(self):
         """Create the exporters and their threads in this process."""
@@ -282,8 +285,9 @@ class AzureSink:
         user = props.pop("enduser.id", None) if props else None
         if user:
             envelope.tags["ai.user.authUserId"] = user
-        if self.settings.trace_sampling_rate < 1:
-            envelope.sampleRate = self.settings.trace_sampling_rate * 100.0
+        rate = props.pop(_SAMPLE_RATE, None) if props else None
+        if rate is not None and rate < 1:  # the operation's rate when it was decided: ItemCount = 1 / rate
+            envelope.sampleRate = rate * 100.0
         return True
 
     def track_event(self, rec):
@@ -298,16 +302,17 @@ class AzureSink:
         self._log_handler.emit(record)
 
     def _sampled(self, operation_id):
-        """The sampling decision for one operation; its request and dependencies agree."""
-        return self._sampler.should_sample(SpanContext(trace_id=operation_id or _ZERO_TRACE))
+        """The kept fraction of this operation, or None when it is dropped; its request and dependencies agree."""
+        return self._sampler.decide(operation_id or _ZERO_TRACE)
 
     def track_request(self, rec):
         """Record the response-time metric and export a SERVER span (RequestData)."""
-        self._producer.record(rec.route, rec.method, rec.status, rec.duration_ms)
-        if not self._sampled(rec.operation_id):
+        self._producer.record(rec.route, rec.method, rec.status, rec.duration_ms)  # every request, unsampled
+        rate = self._sampled(rec.operation_id)
+        if rate is None:
             return
         attributes = {"http.method": rec.method, "http.route": rec.route, "http.url": rec.url,
-                      "http.status_code": rec.status}
+                      "http.status_code": rec.status, _SAMPLE_RATE: rate}
         if rec.user_id:
             attributes["enduser.id"] = rec.user_id
         self._export_span(rec.name, rec.operation_id, rec.span_id, rec.parent_id or None, attributes,
@@ -315,9 +320,10 @@ class AzureSink:
 
     def track_dependency(self, rec):
         """Export a CLIENT span (RemoteDependencyData) for an outgoing call."""
-        if not self._sampled(rec.operation_id):
+        rate = self._sampled(rec.operation_id)
+        if rate is None:
             return
-        attributes = {"component": rec.type, "http.url": rec.data, "http.method": rec.method}
+        attributes = {"component": rec.type, "http.url": rec.data, "http.method": rec.method, _SAMPLE_RATE: rate}
         if rec.status:
             attributes["http.status_code"] = rec.status
         else:

@@ -30,7 +30,10 @@ class Settings:
     max_event_bytes: int = 64 * 1024
     max_batch_events: int = 100
     max_batch_bytes: int = 512 * 1024
+    trace_sampling: str = "adaptive"
     trace_sampling_rate: float = 1.0
+    trace_sampling_target: float = 5.0
+    trace_sampling_interval: float = 15.0
     export_interval: float = 5.0
     export_batch_size: int = 100
     export_queue_capacity: int = 8192
@@ -81,6 +84,8 @@ _BOUNDS = {
     "max_batch_events": (1, 1000),
     "max_batch_bytes": (1024, 8 * 1024 * 1024),
     "trace_sampling_rate": (0, 1),
+    "trace_sampling_target": (0.01, 100000),
+    "trace_sampling_interval": (0.01, 3600),
     "export_interval": (0.01, 3600),
     "export_batch_size": (1, 1000),
     "export_queue_capacity": (1, 1000000),
@@ -127,6 +132,9 @@ def load_settings(instance_path, config=None, environ=None):
     settings = replace(settings, log_level=_require_level("LOG_LEVEL", settings.log_level),
                        trace_log_level=_require_level("TRACE_LOG_LEVEL", settings.trace_log_level))
     settings = replace(settings, redact_keys=tuple(k.lower() for k in settings.redact_keys))
+    if settings.trace_sampling.lower() not in ("adaptive", "fixed"):
+        raise ConfigError(f"TRACE_SAMPLING must be adaptive or fixed, got {settings.trace_sampling!r}")
+    settings = replace(settings, trace_sampling=settings.trace_sampling.lower())
     for var in ("event_rate_limit", "dashboard_rate_limit"):
         _require_limit(var.upper(), getattr(settings, var))
     if settings.mode == "azure" and settings.dashboard_auth and not settings.dashboard_token:

@@ -1,0 +1,73 @@
+"""Sampling of request and dependency telemetry in Azure mode: adaptive (the default) or fixed.
+
+Adaptive sampling works as Application Insights' own SDKs do by default: every
+TRACE_SAMPLING_INTERVAL seconds the sampler compares the items it was offered per second (a
+moving average) with TRACE_SAMPLING_TARGET and keeps 1 in N operations, N a whole number, so each
+kept item stands for exactly N (its envelope's sampleRate is 100/N and ingestion sets ItemCount
+to N; the dashboard's sum(ItemCount) estimates the true counts). The decision is made once per
+operation (trace id) and remembered, so a request and its dependencies are kept or dropped
+together, with one rate. Events, logins and CRUD are never sampled, and the response-time
+metrics count every request before any sampling.
+"""
+import collections
+import threading
+import time
+
+MODES = ("adaptive", "fixed")
+_SMOOTHING = 0.25      # weight of the newest interval in the moving average of items per second
+_MAX_KEEP_ONE_IN = 1000
+_REMEMBERED = 10000    # operations whose decision is remembered (a request outlives its dependencies)
+
+
+class Sampler:
+    """Keeps or drops whole operations; `decide(operation_id)` gives the kept fraction, or None to drop."""
+
+    def __init__(self, mode="adaptive", rate=1.0, target_per_s=5.0, interval_s=15.0, clock=time.monotonic):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        self.mode = mode
+        self.rate = rate if mode == "fixed" else 1.0
+        self._target, self._interval, self._clock = target_per_s, interval_s, clock
+        self._lock = threading.Lock()
+        self._offered = 0
+        self._window_start = clock()
+        self._average = None  # items offered per second, smoothed
+        self._decisions = collections.OrderedDict()
+
+    def decide(self, operation_id):
+        """The fraction this operation is kept at, or None when it is dropped (the same for all its items)."""
+        with self._lock:
+            self._offered += 1
+            if self.mode == "adaptive":
+                self._adapt()
+            known = self._decisions.get(operation_id)
+            if known is not None:
+                return known or None
+            kept = self.rate if _score(operation_id) < self.rate else 0.0
+            self._decisions[operation_id] = kept
+            if len(self._decisions) > _REMEMBERED:
+                self._decisions.popitem(last=False)
+            return kept or None
+
+    def _adapt(self):
+        """At the end of each interval, move the rate towards the target (caller holds the lock)."""
+        now = self._clock()
+        elapsed = now - self._window_start
+        if elapsed < self._interval:
+            return
+        observed = self._offered / elapsed
+        self._average = observed if self._average is None else (
+            (1 - _SMOOTHING) * self._average + _SMOOTHING * observed)
+        keep_one_in = 1
+        if self._average > self._target:
+            keep_one_in = min(_MAX_KEEP_ONE_IN, -(-self._average // self._target))  # ceil
+        self.rate = 1.0 / keep_one_in
+        self._offered, self._window_start = 0, now
+
+
+def _score(operation_id):
+    """A number in [0, 1) fixed by the operation id (a random hex trace id), the same in every process."""
+    try:
+        return int(operation_id[:8], 16) / 0x100000000
+    except (TypeError, ValueError):
+        return (hash(operation_id) & 0xFFFFFFFF) / 0x100000000
