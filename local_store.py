@@ -20,6 +20,16 @@ Layout (schema version 3)
   Any other window, a row dated more than a minute after the end (a clock gone wrong), or a
   store whose raw rows were updated or deleted behind the triggers' back, is answered from
   the raw tables exactly as before (slower) until the next start-up rebuilds them.
+* Cardinality: once a day is closed (before today and the OPEN_DAYS - 1 days before it), the
+  writer's hourly maintenance pass (and the one at start-up) compacts it: ``ev_day_top``,
+  ``req_day_top`` and ``dep_day_top`` keep that day's TOP_K rows by count plus one OTHER row
+  with the remainder, and ``compacted_days`` names it. A window's totals and daily series come
+  from the per-day totals (``*_day_total``, kept by triggers: exact); its top lists merge the
+  closed days' top rows with the live rows of the open (or not yet compacted) days. OTHER never
+  appears in a top list, so a name outside every closed day's top K is left out (exact while a
+  day has at most TOP_K names, approximate beyond). A row added to a compacted day re-opens it
+  (a trigger drops its top rows) until the next pass; pruning removes the compaction with the
+  day, and a rebuild drops it all (the next pass redoes it).
 
 Latency percentiles from the rollups: per day (and per request name) a histogram over fixed
 log-scale buckets, 16 per doubling (each bucket's upper edge is 2^(1/16) = 1.044 times its
@@ -51,6 +61,15 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 4
 BUCKETS_PER_OCTAVE = 16
+# Cardinality: each closed day keeps its TOP_K names per dimension (by count) plus one OTHER row
+# with the remainder (see _compact_day). Today and the OPEN_DAYS - 1 days before it stay open.
+# Late rows (a client timestamp up to 48 hours back) need no open window for exactness: a row
+# added to a compacted day re-opens it (the *_reopen_* triggers) until the next pass compacts it
+# again. Only today is open: each open day adds all its names to every top-list query (3 open
+# days of 33,000 names each cost about 130 ms; 1 day about 30 ms).
+TOP_K = 100
+OTHER = "(other)"
+OPEN_DAYS = 1
 _BUCKET_MIN_EXP, _BUCKET_MAX_EXP = -10, 24  # 1/1024 ms .. 2^24 ms (4.7 hours); beyond: the end buckets
 _BOUNDS = [-1.0e308] + [2.0 ** (_BUCKET_MIN_EXP + i / BUCKETS_PER_OCTAVE)
                         for i in range((_BUCKET_MAX_EXP - _BUCKET_MIN_EXP) * BUCKETS_PER_OCTAVE + 1)]
@@ -117,9 +136,30 @@ CREATE TABLE IF NOT EXISTS dep_day (
     day TEXT NOT NULL, type TEXT NOT NULL, target TEXT NOT NULL, n INTEGER NOT NULL,
     failed INTEGER NOT NULL, sum_ms REAL NOT NULL, max_ts REAL NOT NULL,
     PRIMARY KEY (day, type, target)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ev_day_total (
+    day TEXT PRIMARY KEY, n INTEGER NOT NULL, max_ts REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS req_day_total (
+    day TEXT PRIMARY KEY, n INTEGER NOT NULL, failed INTEGER NOT NULL, sum_ms REAL NOT NULL,
+    max_ts REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dep_day_total (
+    day TEXT PRIMARY KEY, n INTEGER NOT NULL, failed INTEGER NOT NULL, sum_ms REAL NOT NULL,
+    max_ts REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS compacted_days (day TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ev_day_top (
+    day TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (day, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS req_day_top (
+    day TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL, failed INTEGER NOT NULL,
+    sum_ms REAL NOT NULL, PRIMARY KEY (day, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dep_day_top (
+    day TEXT NOT NULL, type TEXT NOT NULL, target TEXT NOT NULL, n INTEGER NOT NULL,
+    failed INTEGER NOT NULL, sum_ms REAL NOT NULL, PRIMARY KEY (day, type, target)) WITHOUT ROWID;
 """
 
 _BUCKET_OF = "COALESCE((SELECT bucket FROM hist_bounds WHERE lo <= {x} ORDER BY lo DESC LIMIT 1), 0)"
+
+# Per-day top lists of closed days (see _compact_day); compacted_days names the days they cover.
+_TOP_TABLES = ("ev_day_top", "req_day_top", "dep_day_top")
+_COMPACTED_TABLES = ("compacted_days",) + _TOP_TABLES
 
 # Client-made event ids: a retried send is stored once, whatever its time (RAISE(IGNORE) skips the row).
 _CLIENT_IDS = """
@@ -140,7 +180,38 @@ CREATE TRIGGER IF NOT EXISTS events_rollup_{kind} AFTER INSERT ON events WHEN NE
 END;
 """ for kind, column in _DISTINCT_IDS)
 
-_TRIGGERS = _CLIENT_IDS + _ID_TRIGGERS + """
+# Per-day totals (summaries, daily series, the latest timestamp of a day): one row a day, so a
+# window's figures do not sum every name's row. Triggers of their own (not in *_rollup): a store
+# made by the previous version gets them by CREATE TRIGGER IF NOT EXISTS, and migrate() fills the
+# tables once (_TOTALS_FILL).
+_TOTAL_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS events_rollup_total AFTER INSERT ON events BEGIN
+  INSERT INTO ev_day_total (day, n, max_ts) VALUES (NEW.day, 1, NEW.ts)
+    ON CONFLICT (day) DO UPDATE SET n = n + 1, max_ts = max(max_ts, excluded.max_ts);
+END;
+CREATE TRIGGER IF NOT EXISTS requests_rollup_total AFTER INSERT ON requests BEGIN
+  INSERT INTO req_day_total (day, n, failed, sum_ms, max_ts)
+    VALUES (NEW.day, 1, NEW.success = 0, NEW.duration_ms, NEW.ts)
+    ON CONFLICT (day) DO UPDATE SET n = n + 1, failed = failed + excluded.failed,
+      sum_ms = sum_ms + excluded.sum_ms, max_ts = max(max_ts, excluded.max_ts);
+END;
+CREATE TRIGGER IF NOT EXISTS dependencies_rollup_total AFTER INSERT ON dependencies BEGIN
+  INSERT INTO dep_day_total (day, n, failed, sum_ms, max_ts)
+    VALUES (NEW.day, 1, NEW.success = 0, NEW.duration_ms, NEW.ts)
+    ON CONFLICT (day) DO UPDATE SET n = n + 1, failed = failed + excluded.failed,
+      sum_ms = sum_ms + excluded.sum_ms, max_ts = max(max_ts, excluded.max_ts);
+END;
+"""
+_TOTALS_FILL = """
+INSERT INTO ev_day_total (day, n, max_ts) SELECT day, SUM(n), MAX(max_ts) FROM ev_day GROUP BY day;
+INSERT INTO req_day_total (day, n, failed, sum_ms, max_ts)
+  SELECT day, SUM(n), SUM(failed), SUM(sum_ms), MAX(max_ts) FROM req_day GROUP BY day;
+INSERT INTO dep_day_total (day, n, failed, sum_ms, max_ts)
+  SELECT day, SUM(n), SUM(failed), SUM(sum_ms), MAX(max_ts) FROM dep_day GROUP BY day;
+"""
+_TOTAL_TABLES = ("ev_day_total", "req_day_total", "dep_day_total")
+
+_TRIGGERS = _CLIENT_IDS + _ID_TRIGGERS + _TOTAL_TRIGGERS + """
 CREATE TRIGGER IF NOT EXISTS events_rollup AFTER INSERT ON events BEGIN
   INSERT INTO ev_day (day, name, n, max_ts) VALUES (NEW.day, NEW.name, 1, NEW.ts)
     ON CONFLICT (day, name) DO UPDATE SET n = n + 1, max_ts = max(max_ts, excluded.max_ts);
@@ -188,7 +259,15 @@ END;
     # dashboard reads the raw tables until the next start-up rebuilds them.
     f"CREATE TRIGGER IF NOT EXISTS {table}_{op.lower()}_stale AFTER {op} ON {table} BEGIN\n"
     f"  DELETE FROM store_meta WHERE key = 'rollups';\nEND;\n"
-    for table in ("events", "requests", "dependencies") for op in ("UPDATE", "DELETE"))
+    for table in ("events", "requests", "dependencies") for op in ("UPDATE", "DELETE")) + "".join(
+    # A row added to a compacted day (a late row, a script): the day is live again until the next
+    # compaction, so its top lists and totals stay exact.
+    f"CREATE TRIGGER IF NOT EXISTS {table}_reopen_{op.lower()} AFTER {op} ON {table}"
+    f" WHEN EXISTS (SELECT 1 FROM compacted_days WHERE day = NEW.day) BEGIN\n"
+    f"  DELETE FROM compacted_days WHERE day = NEW.day;\n"
+    + "".join(f"  DELETE FROM {top} WHERE day = NEW.day;\n" for top in _TOP_TABLES)
+    + "END;\n"
+    for table in ("ev_day", "req_day", "dep_day") for op in ("INSERT", "UPDATE"))
 
 _SEED = ("INSERT OR IGNORE INTO hist_bounds (lo, bucket) VALUES "
          + ", ".join(f"({lo!r}, {i})" for i, lo in enumerate(_BOUNDS)) + ";\n"
@@ -200,7 +279,8 @@ _SEED = ("INSERT OR IGNORE INTO hist_bounds (lo, bucket) VALUES "
 # The whole schema, idempotent: executescript(_SCHEMA) on an empty file gives a complete store.
 _SCHEMA = _TABLES + _TRIGGERS + _SEED
 
-_ROLLUP_TABLES = ("ev_day", "ev_user_day", "ev_day_users", "ev_name_user_day", "ev_user_last", "ev_name_user_last",
+_ROLLUP_TABLES = _COMPACTED_TABLES + _TOTAL_TABLES + (
+                  "ev_day", "ev_user_day", "ev_day_users", "ev_name_user_day", "ev_user_last", "ev_name_user_last",
                   "ev_anonymous_day", "ev_anonymous_last", "ev_session_day", "ev_session_last", "crud_day",
                   "req_day", "req_hist", "req_hist_all", "dep_day")
 
@@ -230,8 +310,9 @@ INSERT INTO req_hist_all (day, bucket, n, min_ms, max_ms)
 INSERT INTO dep_day (day, type, target, n, failed, sum_ms, max_ts)
   SELECT day, type, target, COUNT(*), SUM(success = 0), SUM(duration_ms), MAX(ts)
   FROM dependencies GROUP BY day, type, target;
+""".format(bucket=_BUCKET_OF.format(x="duration_ms")) + _TOTALS_FILL + """
 INSERT OR REPLACE INTO store_meta (key, value) VALUES ('rollups', 'complete');
-""".format(bucket=_BUCKET_OF.format(x="duration_ms"))
+"""
 
 _V1_EVENT_COLUMNS = "event_id, ts, day, name, user_id, action, entity, operation_id, properties"
 _EVENT_COLUMNS = _V1_EVENT_COLUMNS + ", anonymous_id, session_id, client_id"
@@ -399,6 +480,7 @@ def migrate(conn):
     if old_events:
         conn.execute("ALTER TABLE events RENAME TO events_v1")
         conn.execute("DROP INDEX IF EXISTS events_ts")
+    had_totals = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ev_day_total'").fetchone()
     for statement in _statements(_TABLES):
         conn.execute(statement)
     present = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
@@ -417,6 +499,9 @@ def migrate(conn):
     if version < SCHEMA_VERSION or conn.execute(
             "SELECT 1 FROM store_meta WHERE key = 'rollups'").fetchone() is None:
         _rebuild(conn)
+    elif not had_totals:  # a store of the previous version 4: its per-day totals, once
+        for statement in _statements(_TOTALS_FILL):
+            conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -1406,6 +1491,15 @@ class LocalStore:
         if any(counts.values()):
             log.info("local store pruned the rows before %s (LOCAL_RETENTION_DAYS=%d): %s", cutoff,
                      self.retention_days, _describe(counts))
+        yield from self._compact_job(w, now)
+
+    def _compact_job(self, w, now):
+        """Compact every closed day not compacted yet (see _compact_day): one short transaction a day."""
+        if w.conn.execute("SELECT value FROM store_meta WHERE key = 'rollups'").fetchone() != ("complete",):
+            return  # the dashboard reads the raw rows until a rebuild (which drops the compaction anyway)
+        for day in _days_to_compact(w.conn, _day(now - (OPEN_DAYS - 1) * _DAY_SECONDS)):
+            self._step(w, lambda conn: _compact_day(conn, day))
+            yield
 
     def _size_job(self, w, used):
         today = _day(self.clock())
@@ -1634,6 +1728,50 @@ def _salvage_step(kind, params, key, state):
     return work
 
 
+def _days_to_compact(conn, before):
+    """The days before `before` (YYYY-MM-DD) that have rollup rows and are not compacted, oldest first."""
+    days = set()
+    for table in ("ev_day", "req_day", "dep_day"):
+        day = ""
+        while True:  # one index seek per day, not a scan of the day's rows
+            row = conn.execute(f"SELECT day FROM {table} WHERE day > ? AND day < ? ORDER BY day LIMIT 1",
+                               (day, before)).fetchone()
+            if row is None:
+                break
+            day = row[0]
+            days.add(day)
+    done = {d for (d,) in conn.execute("SELECT day FROM compacted_days WHERE day < ?", (before,))}
+    return sorted(days - done)
+
+
+# (live table, top table, key columns, summed columns, how the OTHER row's key reads)
+_COMPACT = (("ev_day", "ev_day_top", ("name",), ("n",), (OTHER,)),
+            ("req_day", "req_day_top", ("name",), ("n", "failed", "sum_ms"), (OTHER,)),
+            ("dep_day", "dep_day_top", ("type", "target"), ("n", "failed", "sum_ms"), (OTHER, OTHER)))
+
+
+def _compact_day(conn, day):
+    """Write `day`'s top lists (inside the caller's transaction) and mark the day compacted.
+
+    Per dimension: the day's TOP_K rows by count (ties by name), and one OTHER row summing the
+    rest, so the day's totals (count, failures, duration sum) are exactly those of its rollups.
+    """
+    for live, top, key, sums, other in _COMPACT:
+        keys, cols = ", ".join(key), ", ".join(sums)
+        conn.execute(f"DELETE FROM {top} WHERE day = ?", (day,))
+        conn.execute(f"INSERT INTO {top} (day, {keys}, {cols}) SELECT day, {keys}, {cols} FROM {live}"
+                     f" WHERE day = ? ORDER BY n DESC, {keys} LIMIT {int(TOP_K)}", (day,))
+        rest = conn.execute(f"SELECT {', '.join(f'SUM({c})' for c in sums)} FROM (SELECT {cols} FROM {live}"
+                            f" WHERE day = ? ORDER BY n DESC, {keys} LIMIT -1 OFFSET {int(TOP_K)})",
+                            (day,)).fetchone()
+        if rest[0]:
+            marks = ", ".join("?" * (len(key) + len(sums)))
+            conn.execute(f"INSERT INTO {top} (day, {keys}, {cols}) VALUES (?, {marks})"
+                         f" ON CONFLICT DO UPDATE SET " + ", ".join(f"{c} = {c} + excluded.{c}" for c in sums),
+                         (day,) + other + tuple(rest))
+    conn.execute("INSERT OR IGNORE INTO compacted_days (day) VALUES (?)", (day,))
+
+
 def _describe(counts):
     return ", ".join(f"{table} {n}" for table, n in counts.items() if n) or "nothing"
 
@@ -1684,6 +1822,8 @@ def _delete_by_name(conn, table, key, column, cutoff, start):
 
 # Rollup tables keyed (or indexed) by day first: deleted by day; the *_last tables by their last_day index.
 _ROLLUP_PRUNE = tuple((table, key, "day < ?") for table, key in (
+    ("compacted_days", "day"), ("ev_day_total", "day"), ("req_day_total", "day"), ("dep_day_total", "day"),
+    ("ev_day_top", "day, name"), ("req_day_top", "day, name"), ("dep_day_top", "day, type, target"),
     ("ev_day", "day, name"), ("ev_user_day", "day, user_id"), ("ev_day_users", "day"),
     ("ev_anonymous_day", "day, id"), ("ev_session_day", "day, id"), ("crud_day", "rowid"),
     ("req_day", "day, name"), ("req_hist_all", "day, bucket"), ("dep_day", "day, type, target"))) + (
@@ -1732,9 +1872,9 @@ def _rollups_cover(conn, t0, t1):
     complete, later, *latest = conn.execute(
         "SELECT (SELECT value FROM store_meta WHERE key = 'rollups'),"
         " (SELECT 1 FROM ev_day WHERE day > ?1 LIMIT 1),"
-        " (SELECT MAX(max_ts) FROM ev_day WHERE day = ?1),"
-        " (SELECT MAX(max_ts) FROM req_day WHERE day = ?1),"
-        " (SELECT MAX(max_ts) FROM dep_day WHERE day = ?1)", (d1,)).fetchone()
+        " (SELECT max_ts FROM ev_day_total WHERE day = ?1),"
+        " (SELECT max_ts FROM req_day_total WHERE day = ?1),"
+        " (SELECT max_ts FROM dep_day_total WHERE day = ?1)", (d1,)).fetchone()
     if complete != "complete" or any(ts is not None and ts > t1 + _NOW_GRACE_S for ts in latest):
         return None
     return "days" if later else "last"
@@ -1768,11 +1908,38 @@ def _percentiles(hist, ps):
     return out
 
 
+def _window_days(d0, d1):
+    """Every day from d0 to d1 (YYYY-MM-DD), inclusive."""
+    out, t = [], _midnight(d0)
+    while (day := _day(t)) <= d1:
+        out.append(day)
+        t += _DAY_SECONDS
+    return out
+
+
 def _rollup_usage_rows(conn, d0, d1, top, users="last"):
-    """The usage section rows for the whole days [d0, d1] from the rollups (see _rollups_cover)."""
+    """The usage section rows for the whole days [d0, d1] from the rollups (see _rollups_cover).
+
+    Totals and daily series come from the per-day totals; the top lists from the top lists of
+    the compacted days (see _compact_day, OTHER rows left out) and the live rows of the others.
+    """
     days = (d0, d1)
+    compacted = [d for (d,) in conn.execute("SELECT day FROM compacted_days WHERE day BETWEEN ? AND ?", days)]
+
+    def source(live, top_table, cols, skip_other):
+        """(FROM clause, parameters) of `cols` of the window's per-day rows: top lists and live rows."""
+        if not compacted:
+            return f"(SELECT {cols} FROM {live} WHERE day BETWEEN ? AND ?)", days
+        done = set(compacted)
+        live_days = [d for d in _window_days(d0, d1) if d not in done]
+        parts = [f"SELECT {cols} FROM {top_table} WHERE day IN ({', '.join('?' * len(compacted))})"
+                 + (f" AND {skip_other} <> '{OTHER}'" if skip_other else "")]
+        if live_days:
+            parts.append(f"SELECT {cols} FROM {live} WHERE day IN ({', '.join('?' * len(live_days))})")
+        return "(" + " UNION ALL ".join(parts) + ")", tuple(compacted) + tuple(live_days)
+
     total, failed, sum_ms = conn.execute(
-        "SELECT COALESCE(SUM(n), 0), COALESCE(SUM(failed), 0), SUM(sum_ms) FROM req_day"
+        "SELECT COALESCE(SUM(n), 0), COALESCE(SUM(failed), 0), SUM(sum_ms) FROM req_day_total"
         " WHERE day BETWEEN ? AND ?", days).fetchone()
     hist = conn.execute(
         "SELECT SUM(n), MIN(min_ms), MAX(max_ms) FROM req_hist_all WHERE day BETWEEN ? AND ?"
@@ -1785,12 +1952,13 @@ def _rollup_usage_rows(conn, d0, d1, top, users="last"):
                       "SELECT day, n, min_ms, max_ms FROM req_hist_all WHERE day BETWEEN ? AND ?"
                       " ORDER BY day, bucket", days), key=lambda r: r[0])}
     for day, count, failed, sum_ms in conn.execute(
-            "SELECT day, SUM(n), SUM(failed), SUM(sum_ms) FROM req_day WHERE day BETWEEN ? AND ? GROUP BY day", days):
+            "SELECT day, n, failed, sum_ms FROM req_day_total WHERE day BETWEEN ? AND ?", days):
         yield _row("req_daily", day=day, count=count, failed=failed, avg_ms=_avg(sum_ms, count),
                    p95_ms=p95_by_day.get(day))
+    req, req_p = source("req_day", "req_day_top", "name, n, failed", "name")
     top_ops = conn.execute(
-        "SELECT name, SUM(n), SUM(failed) FROM req_day WHERE day BETWEEN ? AND ?"
-        " GROUP BY name ORDER BY SUM(n) DESC, name LIMIT ?", days + (top,)).fetchall()
+        f"SELECT name, SUM(n), SUM(failed) FROM {req} GROUP BY name ORDER BY SUM(n) DESC, name LIMIT ?",
+        req_p + (top,)).fetchall()
     for name, count, failed in top_ops:
         hist = conn.execute(
             "SELECT SUM(n), MIN(min_ms), MAX(max_ms) FROM req_hist WHERE name = ? AND day BETWEEN ? AND ?"
@@ -1798,23 +1966,24 @@ def _rollup_usage_rows(conn, d0, d1, top, users="last"):
         yield _row("req_top", name=name, count=count, failed=failed, p95_ms=_percentiles(hist, (0.95,))[0])
 
     total, failed, sum_ms = conn.execute(
-        "SELECT COALESCE(SUM(n), 0), COALESCE(SUM(failed), 0), SUM(sum_ms) FROM dep_day"
+        "SELECT COALESCE(SUM(n), 0), COALESCE(SUM(failed), 0), SUM(sum_ms) FROM dep_day_total"
         " WHERE day BETWEEN ? AND ?", days).fetchone()
     yield _row("dep_summary", count=total, failed=failed, avg_ms=_avg(sum_ms, total))
     for day, count, failed in conn.execute(
-            "SELECT day, SUM(n), SUM(failed) FROM dep_day WHERE day BETWEEN ? AND ? GROUP BY day", days):
+            "SELECT day, n, failed FROM dep_day_total WHERE day BETWEEN ? AND ?", days):
         yield _row("dep_daily", day=day, count=count, failed=failed)
+    dep, dep_p = source("dep_day", "dep_day_top", "type, target, n, failed, sum_ms", "type")
     for typ, target, count, failed, sum_ms in conn.execute(
-            "SELECT type, target, SUM(n), SUM(failed), SUM(sum_ms) FROM dep_day WHERE day BETWEEN ? AND ?"
-            " GROUP BY type, target ORDER BY SUM(n) DESC, target LIMIT ?", days + (top,)):
+            f"SELECT type, target, SUM(n), SUM(failed), SUM(sum_ms) FROM {dep}"
+            " GROUP BY type, target ORDER BY SUM(n) DESC, target LIMIT ?", dep_p + (top,)):
         yield _row("dep_top", type=typ, target=target, count=count, failed=failed, avg_ms=_avg(sum_ms, count))
 
-    (total,) = conn.execute("SELECT COALESCE(SUM(n), 0) FROM ev_day WHERE day BETWEEN ? AND ?", days).fetchone()
+    (total,) = conn.execute("SELECT COALESCE(SUM(n), 0) FROM ev_day_total WHERE day BETWEEN ? AND ?",
+                            days).fetchone()
     yield _row("evt_summary", count=total)
     users_by_day = dict(conn.execute(
         "SELECT day, users FROM ev_day_users WHERE day BETWEEN ? AND ?", days).fetchall())
-    for day, count in conn.execute(
-            "SELECT day, SUM(n) FROM ev_day WHERE day BETWEEN ? AND ? GROUP BY day", days):
+    for day, count in conn.execute("SELECT day, n FROM ev_day_total WHERE day BETWEEN ? AND ?", days):
         yield _row("evt_daily", day=day, count=count)
         yield _row("active_daily", day=day, users=users_by_day.get(day, 0))
 
@@ -1825,12 +1994,14 @@ def _rollup_usage_rows(conn, d0, d1, top, users="last"):
         return conn.execute("SELECT COUNT(DISTINCT user_id) FROM ev_name_user_day WHERE name = ?"
                             " AND day BETWEEN ? AND ?", (name,) + days).fetchone()[0]
 
+    ev, ev_p = source("ev_day", "ev_day_top", "name, n", "name")
     for name, count in conn.execute(
-            "SELECT name, SUM(n) FROM ev_day WHERE day BETWEEN ? AND ? GROUP BY name"
-            " ORDER BY SUM(n) DESC, name LIMIT ?", days + (top,)).fetchall():
+            f"SELECT name, SUM(n) FROM {ev} GROUP BY name ORDER BY SUM(n) DESC, name LIMIT ?",
+            ev_p + (top,)).fetchall():
         yield _row("evt_top", name=name, count=count, users=users_of(name))
-    (count,) = conn.execute("SELECT COALESCE(SUM(n), 0) FROM ev_day WHERE name = 'UserLogin'"
-                            " AND day BETWEEN ? AND ?", days).fetchone()
+    window = _window_days(d0, d1)  # one seek per day, not a scan of every name of the window
+    (count,) = conn.execute(f"SELECT COALESCE(SUM(n), 0) FROM ev_day WHERE name = 'UserLogin'"
+                            f" AND day IN ({', '.join('?' * len(window))})", window).fetchone()
     yield _row("login_summary", count=count, users=users_of("UserLogin") if count else 0)
     if users == "last":
         (active,) = conn.execute("SELECT COUNT(*) FROM ev_user_last WHERE last_day >= ?", (d0,)).fetchone()

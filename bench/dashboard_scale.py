@@ -9,6 +9,12 @@ and checks that the rollups give the same rows as the raw tables (percentiles wi
 documented bucket accuracy). Prints one JSON document.
 
     .venv/bin/python bench/dashboard_scale.py [--events 1000000] [--requests 1000000] [--db path]
+
+--cardinality: every event has its own name (1,000,000 distinct names), requests go to 100,000
+distinct routes and dependencies to 100,000 distinct targets. The dashboard is timed before the
+closed days are compacted (store and the previous version's query code, "old"), then the
+writer's maintenance pass (LocalStore.prune(): retention, then compaction) is run and timed, then
+the dashboard is timed again (store and http).
 """
 import argparse
 import json
@@ -44,7 +50,7 @@ def _zipf_choice(rnd, items, s=1.1):
     return rnd.choices(items, weights=weights)[0]
 
 
-def load(path, events, requests, dependencies, users, seed=1):
+def load(path, events, requests, dependencies, users, seed=1, cardinality=False):
     """Fill a fresh store; returns load statistics."""
     store = local_store.LocalStore(path)
     store._create_schema()
@@ -70,7 +76,9 @@ def load(path, events, requests, dependencies, users, seed=1):
         for i in range(first, first + n):
             ts = start + (i + rnd.random()) * (30 * DAY / events)
             kind = rnd.random()
-            if kind < 0.70:
+            if cardinality:
+                name, user, action, entity = f"Event{i:07d}", "", None, None
+            elif kind < 0.70:
                 name, user, action, entity = rnd.choices(CUSTOM, custom_w)[0], "", None, None
             elif kind < 0.80:
                 name, user, action, entity = "UserLogin", rnd.choice(user_ids), None, None
@@ -79,7 +87,7 @@ def load(path, events, requests, dependencies, users, seed=1):
                 action, entity = rnd.choice(ACTIONS), _zipf_choice(rnd, ENTITIES)
             event_id = str(uuid.UUID(int=rnd.getrandbits(128), version=4))
             rows.append((event_id, ts, local_store._day(ts), name, user, action, entity, "",
-                         '{"format":"pdf","event_id":"%s"}' % event_id))
+                         '{"format":"pdf","event_id":"%s"}' % event_id, "", "", 0))
         insert("event", rows)
     t_events = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -88,7 +96,7 @@ def load(path, events, requests, dependencies, users, seed=1):
         rows = []
         for i in range(first, first + n):
             ts = start + (i + rnd.random()) * (30 * DAY / requests)
-            route = rnd.choices(ROUTES, route_w)[0]
+            route = f"GET /r/{rnd.randrange(100_000):05d}" if cardinality else rnd.choices(ROUTES, route_w)[0]
             duration = rnd.lognormvariate(math.log(3.0), 0.8) * (20 if rnd.random() < 0.01 else 1)
             status = 500 if rnd.random() < 0.01 else (404 if route == "<unmatched>" else 200)
             rows.append((ts, local_store._day(ts), route, status, int(status < 500), duration, "",
@@ -99,7 +107,7 @@ def load(path, events, requests, dependencies, users, seed=1):
     rows = []
     for i in range(dependencies):
         ts = start + (i + rnd.random()) * (30 * DAY / dependencies)
-        typ, target = _zipf_choice(rnd, TARGETS)
+        typ, target = ("HTTP", f"host{rnd.randrange(100_000):05d}.example") if cardinality else _zipf_choice(rnd, TARGETS)
         ok = rnd.random() > 0.02
         rows.append((ts, local_store._day(ts), typ, target, "GET /v1/thing", "200" if ok else "503", int(ok),
                      rnd.lognormvariate(math.log(20.0), 0.7), ""))
@@ -128,7 +136,19 @@ from monitoring_utils import usage_window
 import local_store
 start, end = usage_window(30)
 times = []
-if mode == "store":
+if mode == "old":  # the previous version's rollup queries (git HEAD's local_store.py), on this file
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("old_local_store", sys.argv[4])
+    old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
+    for _ in range(repeat):
+        conn = old.connect(path)
+        t = time.perf_counter()
+        conn.execute("BEGIN")
+        rows = list(old._usage_rows(conn, start.timestamp(), end.timestamp(), 10))
+        conn.execute("ROLLBACK")
+        times.append(time.perf_counter() - t)
+        conn.close()
+elif mode == "store":
     store = local_store.LocalStore(path)
     store._create_schema()  # as the app does at worker start, before any dashboard call
     for _ in range(repeat):
@@ -155,9 +175,9 @@ print(json.dumps(times))
 """
 
 
-def _timed(mode, path, repeat):
+def _timed(mode, path, repeat, *extra):
     """Times (seconds) of `repeat` calls in a fresh process: the first is cold."""
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT), mode, path, str(repeat)],
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT), mode, path, str(repeat), *extra],
                          check=True, capture_output=True, text=True, timeout=900).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -166,7 +186,7 @@ def _ms(seconds):
     return round(seconds * 1000, 1)
 
 
-def compare(path):
+def compare(path, approximate_tops=False):
     """Rollup rows against raw rows for the dashboard's 30-day window: counts exact, percentile error."""
     from monitoring_utils import usage_window
     start, end = usage_window(30)
@@ -190,6 +210,15 @@ def compare(path):
         return [(key(r), r["count"], r["failed"], r["users"]) for r in rows]
 
     counts_equal = counts(fast) == counts(raw) == counts(other)
+    if approximate_tops:  # cardinality: totals exact; top lists merged from the per-day top K
+        def totals(rows):
+            return [c for c in counts(rows) if not c[0][0].endswith("_top")]
+
+        tops = {s: ([r["name"] or r["target"] for r in fast if r["section"] == s],
+                    [r["name"] or r["target"] for r in raw if r["section"] == s]) for s in ("evt_top", "req_top", "dep_top")}
+        return {"totals_equal": totals(fast) == totals(raw) == totals(other),
+                "other_in_top_lists": any(local_store.OTHER in a for a, _ in tops.values()),
+                "top_lists_equal_raw": {s: a == b for s, (a, b) in tops.items()}}
     worst, exact, total = 0.0, 0, 0
     for a, b in zip(fast, raw):
         for f in ("p50_ms", "p95_ms", "p99_ms"):
@@ -213,7 +242,11 @@ def main():
     parser.add_argument("--db", help="reuse (or create) this file instead of a temporary one")
     parser.add_argument("--no-raw", action="store_true", help="skip timing the raw-table queries")
     parser.add_argument("--raw-repeat", type=int, default=1, help="calls of the raw-table queries (12+ s each)")
+    parser.add_argument("--cardinality", action="store_true",
+                        help="1M distinct event names, 100k distinct routes and targets (see the module doc)")
     args = parser.parse_args()
+    if args.cardinality:
+        return cardinality(args)
     tmp = None
     path = args.db
     if path is None:
@@ -230,6 +263,50 @@ def main():
         result[mode] = {"cold_ms": _ms(times[0]), "warm_ms": _ms(statistics.median(warm)) if times[1:] else None,
                         "warm_max_ms": _ms(max(warm)) if times[1:] else None, "calls": len(times)}
     result["check"] = compare(path)
+    print(json.dumps(result))
+    if tmp:
+        tmp.cleanup()
+
+
+
+def cardinality(args):
+    """The --cardinality scenario: dashboard times before and after the closed days are compacted."""
+    tmp = None
+    path = args.db
+    if path is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-cardinality-")
+        path = os.path.join(tmp.name, "cardinality.db")
+    result = {"scenario": "cardinality", "events": args.events, "requests": args.requests,
+              "dependencies": args.dependencies, "top_k": local_store.TOP_K}
+    if not os.path.exists(path):
+        result["load"] = load(path, args.events, args.requests, args.dependencies, args.users, cardinality=True)
+    old = os.path.join(os.path.dirname(path), "old_local_store.py")
+    with open(old, "w") as f:
+        f.write(subprocess.run(["git", "-C", ROOT, "show", "HEAD:local_store.py"], check=True,
+                               capture_output=True, text=True).stdout)
+
+    def timed(mode, *extra):
+        times = _timed(mode, path, args.repeat, *extra)
+        return {"cold_ms": _ms(times[0]), "warm_ms": _ms(statistics.median(times[1:])),
+                "warm_max_ms": _ms(max(times[1:])), "calls": len(times)}
+
+    conn = local_store.connect(path)
+    compacted = conn.execute("SELECT COUNT(*) FROM compacted_days").fetchone()[0]
+    conn.close()
+    if not compacted:
+        result["before_compaction"] = {"old_code": timed("old", old), "store": timed("store")}
+    store = local_store.LocalStore(path)
+    store.start()
+    t = time.perf_counter()
+    store.prune(timeout=3600)  # the writer's maintenance pass: retention, then compaction
+    result["maintenance_s"] = round(time.perf_counter() - t, 1)
+    store.close()
+    conn = local_store.connect(path)
+    result["compacted_days"] = conn.execute("SELECT COUNT(*) FROM compacted_days").fetchone()[0]
+    result["top_rows"] = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in local_store._TOP_TABLES}
+    conn.close()
+    result["after_compaction"] = {"old_code": timed("old", old), "store": timed("store"), "http": timed("http")}
+    result["check"] = compare(path, approximate_tops=True)
     print(json.dumps(result))
     if tmp:
         tmp.cleanup()
