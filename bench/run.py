@@ -112,6 +112,14 @@ def dashboard(args):
     return _json_of(cmd, 1200)
 
 
+def cardinality(args):
+    """The dashboard with 1,000,000 distinct event names and 100,000 routes and targets (issue 11)."""
+    cmd = [os.path.join(BENCH, "dashboard_scale.py"), "--cardinality", "--repeat", "8"]
+    if args.quick:
+        cmd += ["--events", "100000", "--requests", "100000", "--dependencies", "10000"]
+    return _json_of(cmd, 1200)
+
+
 def outage(args):
     return _json_of([os.path.join(BENCH, "outage_memory.py"), "--seconds", "15" if args.quick else "60",
                      "--profile-at", "5" if args.quick else "40"], 900)
@@ -132,7 +140,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short runs: checks the harness, not the figures")
     parser.add_argument("--experiments", action="store_true",
                         help="also measure HTTP with bench/experiments.py's patches (recommendations not yet applied)")
-    parser.add_argument("--skip", default="", help="comma-separated: http,split,http_experiments,micro,store,dashboard,outage,single_flight")
+    parser.add_argument("--skip", default="", help="comma-separated: http,split,http_experiments,micro,store,dashboard,cardinality,outage,"
+                        "single_flight")
     parser.add_argument("--results", default=os.path.join(BENCH, "results.json"))
     parser.add_argument("--markdown", default=os.path.join(BENCH, "RESULTS.md"))
     args = parser.parse_args()
@@ -145,7 +154,8 @@ def main():
     parts = [("http", http), ("split", split)]
     if args.experiments:
         parts.append(("http_experiments", http_experiments))
-    parts += [("micro", micro), ("store", store), ("dashboard", dashboard), ("outage", outage),
+    parts += [("micro", micro), ("store", store), ("dashboard", dashboard), ("cardinality", cardinality),
+              ("outage", outage),
               ("single_flight", single_flight)]
     for name, func in parts:
         if name in skip:
