@@ -384,6 +384,13 @@ _quote = json.encoder.encode_basestring_ascii
 _encoder = json.JSONEncoder(separators=(",", ":"))
 
 
+def _without_event_id(props):
+    """The properties without `event_id`, which has its own column: stored once per row, not twice."""
+    if "event_id" not in props:
+        return props
+    return {k: v for k, v in props.items() if k != "event_id"}
+
+
 def _properties_json(props):
     """json.dumps(props, separators=(",", ":")), byte for byte, faster for the usual all-string dict."""
     try:
@@ -1284,7 +1291,8 @@ class LocalStore:
                 crud = rec.name == "CrudActivity"
                 rows.append((rec.event_id, rec.timestamp, _day(rec.timestamp), rec.name, rec.user_id or "",
                              props.get("action") if crud else None, props.get("entity") if crud else None,
-                             rec.operation_id, _properties_json(props), rec.anonymous_id, rec.session_id,
+                             rec.operation_id, _properties_json(_without_event_id(props)), rec.anonymous_id,
+                             rec.session_id,
                              int(rec.client_event_id)))
             return rows
         if kind == "request":
