@@ -219,6 +219,8 @@ class Health(BaseModel):
     pid: Annotated[int, Field(description="The answering worker: `telemetry` is its own view")]
     telemetry: Dict[str, object]
     disk: Disk
+    shared: Annotated[Dict[str, object], Field(
+        description="State on disk that every worker shares: the local database, or the Azure outbox per folder")]
 
 
 class Live(BaseModel):

@@ -85,7 +85,7 @@ def health_report(monitor):
     """The /healthz document: "ok", or "degraded" with its problems; never secrets.
 
     `telemetry` (queues, counters) is the answering worker's own view, named by `pid`; `disk` and
-    the sink's shared state (database or outbox on disk) hold for every worker.
+    `shared` (the database, or the outbox on disk) hold for every worker.
     """
     problems = monitor.problems()
     return {
@@ -96,4 +96,5 @@ def health_report(monitor):
         "pid": os.getpid(),
         "telemetry": monitor.health(),
         "disk": monitor.disk(),
+        "shared": monitor.shared_state(),
     }

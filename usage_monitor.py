@@ -213,6 +213,15 @@ class UsageMonitor:
             free_mb = None
         return {"path": path, "free_mb": None if free_mb is None else round(free_mb, 1)}
 
+    def shared_state(self):
+        """What every worker shares on disk: the local database's size, or the Azure outbox per folder."""
+        settings = self.settings
+        if settings.mode == "azure":
+            return {"outbox": self.sink.outbox()}
+        size = sum(os.path.getsize(path) for path in (settings.telemetry_db, settings.telemetry_db + "-wal")
+                   if os.path.exists(path))
+        return {"database": {"path": settings.telemetry_db, "mb": round(size / 1048576, 2)}}
+
     def metrics_exporter(self):
         """Start the sink here and return its response-time metrics exporter (None in local mode)."""
         return getattr(self._started_sink(), "metrics_exporter", None)

@@ -29,6 +29,8 @@ def test_a_healthy_local_app_is_ok_and_says_whose_view_it_is(app, client):
     assert body["pid"] == os.getpid()
     assert body["disk"]["path"] == os.path.dirname(monitor_of(app).settings.telemetry_db)
     assert body["disk"]["free_mb"] > 0
+    assert body["shared"]["database"]["path"] == monitor_of(app).settings.telemetry_db
+    assert body["shared"]["database"]["mb"] > 0
     assert client.get("/livez").get_json() == {"status": "alive"}
 
 
@@ -68,6 +70,7 @@ def test_an_ingestion_outage_longer_than_the_grace_degrades_health_until_it_ends
     body = _health(application)
     assert body["status"] == "degraded"
     assert any(p.startswith("ingestion failing for") for p in body["problems"]), body["problems"]
+    assert body["shared"]["outbox"]["events"]["files"] > 0, "the stored batches, as every worker sees them"
     assert client.get("/livez").status_code == 200
     fake.start()
     fake.wait_all(ids, 30)

@@ -167,6 +167,7 @@ def test_a_full_disk_refuses_events_until_it_recovers_and_loses_none(apps, fault
     faults.heal()
     assert store.flush(10)
     assert store.health()["failing"] is False and store.problems() == []
+    assert app.test_client().get("/healthz").status_code == 200, "healthy again after the disk recovered"
     accepted, refused = poster.post(20, "After")
     assert (accepted, refused) == (20, 0)
     assert store.flush()
