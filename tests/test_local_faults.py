@@ -187,7 +187,7 @@ def test_a_full_tmpfs_disk(apps, tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
     app = None
     try:
-        app = apps(small / "t.db", LOCAL_QUEUE_CAPACITY="5000")
+        app = apps(small / "t.db", LOCAL_QUEUE_CAPACITY="5000", HEALTH_MIN_FREE_MB="0")
         store, poster = store_of(app), Poster(app)
         poster.post(5, "Before")
         assert store.flush()
@@ -207,11 +207,13 @@ def test_a_full_tmpfs_disk(apps, tmp_path):
         assert "full" in store.health()["last_error"]
         _, refused = poster.post(20, "Full")
         assert refused == 20
+        assert app.test_client().get("/healthz").status_code == 503
         os.remove(small / "filler")
         assert store.flush(15)
         poster.post(5, "After")
         assert store.flush()
         assert store.health()["failing"] is False
+        assert app.test_client().get("/healthz").status_code == 200
         assert set(poster.accepted) <= stored_ids(small / "t.db")
     finally:
         if app is not None:
@@ -278,6 +280,7 @@ def test_a_corrupt_page_mid_run_moves_the_file_aside_and_keeps_every_accepted_ev
     wait_until(lambda: not store._w.job, message="the copy to finish")
     events = _usage(poster.client)["events"]
     assert events["total"] == len(poster.accepted) and poster.refused == 0
+    assert poster.client.get("/healthz").status_code == 200, "healthy on the new file"
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
@@ -338,6 +341,7 @@ def test_the_file_deleted_mid_run_is_recreated_and_the_dashboard_answers(apps, t
     assert len(after) == 25 and set(after) <= stored_ids(db)
     assert _usage(poster.client)["events"]["total"] == 25
     assert store.health()["reopened"] >= 1
+    assert poster.client.get("/healthz").status_code == 200, "healthy on the recreated file"
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
