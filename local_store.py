@@ -836,43 +836,26 @@ class LocalStore:
         if self._failing:
             raise StorageUnavailable(f"the local store cannot write ({self._reason}); events are refused until it "
                                      "recovers")
-        w = self._w
-        with w.lock:
-            if len(w.items) < w.room:
-                w.items.append(("event", rec))
-                if w.idle:
-                    w.wake.set()
-                return
-        raise _refusal(w)
+        self._put("event", rec)
 
     def track_request(self, rec):
         """Queue one request (also while the writer is failing, as long as there is room)."""
-        w = self._w
-        with w.lock:
-            if len(w.items) < w.room:
-                w.items.append(("request", rec))
-                if w.idle:
-                    w.wake.set()
-                return
-        raise _refusal(w)
+        self._put("request", rec)
 
     def track_dependency(self, rec):
         """Queue one dependency."""
-        w = self._w
-        with w.lock:
-            if len(w.items) < w.room:
-                w.items.append(("dependency", rec))
-                if w.idle:
-                    w.wake.set()
-                return
-        raise _refusal(w)
+        self._put("dependency", rec)
 
     def track_trace(self, record):
         """Queue one log record of the trace logger (a `traces` row)."""
+        self._put("trace", record)
+
+    def _put(self, kind, record):
+        """Queue one record while there is room (waking the writer if it sleeps), else StorageUnavailable."""
         w = self._w
         with w.lock:
             if len(w.items) < w.room:
-                w.items.append(("trace", record))
+                w.items.append((kind, record))
                 if w.idle:
                     w.wake.set()
                 return
