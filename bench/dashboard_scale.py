@@ -44,6 +44,10 @@ ACTIONS = ["create", "read", "update", "delete"]
 ENTITIES = ["invoice", "customer", "order", "product", "report", "user", "team", "project"]
 
 
+# The last commit whose local store had no per-day top lists: "old_code" times its queries on the same file.
+BASELINE = "bd1e11c"
+
+
 def _zipf_choice(rnd, items, s=1.1):
     """A skewed choice: the first items are the most frequent."""
     weights = [1.0 / (i + 1) ** s for i in range(len(items))]
@@ -136,7 +140,7 @@ from monitoring_utils import usage_window
 import local_store
 start, end = usage_window(30)
 times = []
-if mode == "old":  # the previous version's rollup queries (git HEAD's local_store.py), on this file
+if mode == "old":  # the rollup queries before the per-day top lists (BASELINE's local_store.py), on this file
     import importlib.util
     spec = importlib.util.spec_from_file_location("old_local_store", sys.argv[4])
     old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
@@ -282,7 +286,7 @@ def cardinality(args):
         result["load"] = load(path, args.events, args.requests, args.dependencies, args.users, cardinality=True)
     old = os.path.join(os.path.dirname(path), "old_local_store.py")
     with open(old, "w") as f:
-        f.write(subprocess.run(["git", "-C", ROOT, "show", "HEAD:local_store.py"], check=True,
+        f.write(subprocess.run(["git", "-C", ROOT, "show", f"{BASELINE}:local_store.py"], check=True,
                                capture_output=True, text=True).stdout)
 
     def timed(mode, *extra):

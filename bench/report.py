@@ -242,7 +242,7 @@ def cardinality_section(card):
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for phase, rows in (("before compaction", card.get("before_compaction", {})),
                         ("after compaction", card.get("after_compaction", {}))):
-        for key, label in (("old_code", "the previous query code"), ("store", "LocalStore.rows()"),
+        for key, label in (("old_code", "the queries before per-day top lists (bd1e11c)"), ("store", "LocalStore.rows()"),
                            ("http", "GET /dashboard/usage")):
             r = rows.get(key)
             if r:
