@@ -194,6 +194,13 @@ def store_section(store):
     return lines
 
 
+def _timing_row(label, r, target):
+    """One row of a dashboard timing table: cold, warm median and max ms, and the 150 ms target when it applies."""
+    met = max(r["cold_ms"], r["warm_ms"] or 0) <= 150
+    return (f"| {label} | {_f(r['cold_ms'])} | {_f(r['warm_ms'])} | {_f(r['warm_max_ms'])} | "
+            f"{'150' if target else '–'} | {_ok(met) if target else '–'} |")
+
+
 def dashboard_section(dash):
     if "error" in dash:
         return ["## 3. Dashboard over 1,000,000 events", "", f"failed: {dash['error']}", ""]
@@ -212,10 +219,7 @@ def dashboard_section(dash):
                        ("raw", "version 1 queries over the raw rows (before this change)")):
         r = dash.get(key)
         if r:
-            target = key != "raw"
-            met = max(r["cold_ms"], r["warm_ms"] or 0) <= 150
-            lines.append(f"| {label} | {_f(r['cold_ms'])} | {_f(r['warm_ms'])} | {_f(r['warm_max_ms'])} | "
-                         f"{'150' if target else '–'} | {_ok(met) if target else '–'} |")
+            lines.append(_timing_row(label, r, target=key != "raw"))
     check = dash.get("check", {})
     lines += ["", f"Rollups against raw rows on this data: counts, failures and users identical: "
               f"**{check.get('counts_equal')}**; {check.get('percentiles_compared')} percentiles compared, "
@@ -246,10 +250,7 @@ def cardinality_section(card):
                            ("http", "GET /dashboard/usage")):
             r = rows.get(key)
             if r:
-                target = phase == "after compaction" and key != "old_code"
-                met = max(r["cold_ms"], r["warm_ms"] or 0) <= 150
-                lines.append(f"| {label}, {phase} | {_f(r['cold_ms'])} | {_f(r['warm_ms'])} | {_f(r['warm_max_ms'])} | "
-                             f"{'150' if target else '–'} | {_ok(met) if target else '–'} |")
+                lines.append(_timing_row(f"{label}, {phase}", r, target=phase == "after compaction" and key != "old_code"))
     check = card.get("check", {})
     lines += ["", f"Totals identical to the raw rows: **{check.get('totals_equal')}**; `(other)` in a top list: "
               f"{check.get('other_in_top_lists')}; top lists equal to the exact raw path: "
