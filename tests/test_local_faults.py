@@ -523,12 +523,19 @@ def _assert_rollups_equal_raw(db, first_days):
                 rolled = sorted(local_store._rollup_usage_rows(conn, local_store._day(t0), local_store._day(now), 10,
                                                                users), key=repr)
                 assert _rounded(rolled) == _rounded(raw), (first, users)
+                for r, w in zip(rolled, raw):  # percentiles: within the histogram's documented bound
+                    for k in ("p50_ms", "p95_ms", "p99_ms"):
+                        if w[k] is None or r[k] is None:
+                            assert r[k] == w[k], (first, users, k)
+                        else:
+                            assert abs(r[k] - w[k]) <= 0.044 * w[k] + 1e-9, (first, users, k, r[k], w[k])
     finally:
         conn.close()
 
 
 def _rounded(rows):
-    return [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+    """Rows with floats rounded; percentiles left out (the rollups' are exact to 4.4 %, see local_store)."""
+    return [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items() if k[0] != "p"} for r in rows]
 
 
 def test_retention_prunes_old_days_hourly_and_keeps_the_rest_exact(apps, tmp_path, caplog):
