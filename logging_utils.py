@@ -11,8 +11,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from pydantic_core import PydanticCustomError
 
 import telemetry
-from telemetry import stringify
-from security import redact
+from security import redact_strings
 
 MAX_NAME = 512
 MAX_KEY = 150
@@ -64,40 +63,40 @@ class Event(BaseModel):
         if isinstance(value, str):
             if _HIDDEN_RE.search(value):
                 raise ValueError(HIDDEN_MESSAGE)
-            _require_utf8(value)
+            if not value.isascii():
+                _require_utf8(value)
         return value
 
     @field_validator("details", mode="before")
     @classmethod
     def _details_scalars(cls, value):
-        """Name the key and the rule before pydantic's union errors (which name neither clearly)."""
+        """Name the key and the rule before pydantic's union errors (which name neither clearly); and fit 64 KB."""
         if not isinstance(value, dict):
             raise ValueError("must be an object")
+        size = 0  # a bound on the details as JSON: a character takes at most 6 bytes (\uXXXX)
         for key, item in value.items():
-            if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY or not _KEY_RE.match(key):
+            if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY or _HIDDEN_RE.search(key):
                 raise ValueError(f"keys must be 1 to {MAX_KEY} characters and {HIDDEN_MESSAGE}")
             if key in RESERVED_PROPERTIES:
                 raise ValueError(f"key {key!r} is reserved")
-            if isinstance(item, (dict, list)):
+            if not key.isascii():
+                _require_utf8(key)
+            if item.__class__ is str:
+                if len(item) > MAX_VALUE:
+                    raise PydanticCustomError("value_too_long", "must be at most {limit} characters",
+                                              {"key": key, "limit": MAX_VALUE})
+                if not item.isascii():
+                    _require_utf8(item)
+                size += len(key) + len(item)
+            elif isinstance(item, (dict, list)):
                 raise PydanticCustomError("nested_value", "must be a string, number, boolean or null, not nested",
                                           {"key": key})
-            if isinstance(item, str) and len(item) > MAX_VALUE:
-                raise PydanticCustomError("value_too_long", "must be at most {limit} characters",
-                                          {"key": key, "limit": MAX_VALUE})
-            if isinstance(item, float) and not math.isfinite(item):
-                raise PydanticCustomError("not_finite", "must be a finite number", {"key": key})
-            _require_utf8(key)
-            if isinstance(item, str):
-                _require_utf8(item)
-        return value
-
-    @field_validator("details")
-    @classmethod
-    def _details_fit(cls, value):
-        """The whole item must fit Application Insights' 64 KB."""
-        # A JSON character takes at most 6 bytes (\uXXXX); skip the exact count when even that fits.
-        bound = sum(6 * (len(k) + len(v if isinstance(v, str) else repr(v))) + 8 for k, v in value.items())
-        if bound > MAX_PROPERTIES_BYTES and len(json.dumps(value, ensure_ascii=False).encode()) > MAX_PROPERTIES_BYTES:
+            else:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise PydanticCustomError("not_finite", "must be a finite number", {"key": key})
+                size += len(key) + (len(repr(item)) if isinstance(item, (int, float)) else 5)
+        if (6 * size + 8 * len(value) > MAX_PROPERTIES_BYTES
+                and len(json.dumps(value, ensure_ascii=False, default=str).encode()) > MAX_PROPERTIES_BYTES):
             raise ValueError(f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
         return value
 
@@ -191,9 +190,12 @@ def record_event(name, properties, user_id="", strict=True, client=None):
     route answers 503), else None is returned (the monitor has counted and logged the failure).
     """
     monitor = telemetry.current_monitor()
-    props = {k: stringify(v) for k, v in redact(properties, monitor.settings.redact_keys).items()}
+    props = redact_strings(properties, monitor.settings.redact_keys)
+    state = telemetry.current_request_state()
+    if state is not None and user_id:  # the request is the user's too (ai.user.authUserId on RequestData)
+        state.user_id = user_id
     rec = telemetry.EventRecord(name=name, properties=props, user_id=user_id or "",
-                                operation_id=telemetry.current_operation_id())
+                                operation_id=state.operation_id if state is not None else "")
     if client is not None:
         if client.event_id:
             rec.event_id, rec.client_event_id = client.event_id.lower(), True

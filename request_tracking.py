@@ -7,7 +7,7 @@ import requests
 from flask import current_app, g, has_app_context, request
 
 import telemetry
-from telemetry import current_monitor, monitor_of
+from telemetry import REQUEST_STATE, RequestState, current_monitor, current_request_state, monitor_of
 
 _patch_lock = threading.Lock()
 _original_send = None
@@ -16,24 +16,28 @@ UNTRACKED_ENDPOINTS = frozenset({"usage_monitor.healthz", "usage_monitor.livez"}
 
 def start_request():
     """Stamp the request with its start time and its operation: the caller's trace (traceparent) or a new one."""
-    g.request_started = time.perf_counter()
-    g.request_timestamp = time.time()
-    caller = telemetry.parse_traceparent(request.headers.get("traceparent"))
-    g.operation_id, g.parent_id = caller if caller else (telemetry.new_trace_id(), "")
-    g.span_id = telemetry.new_span_id()
+    header = request.environ.get("HTTP_TRACEPARENT")
+    caller = telemetry.parse_traceparent(header) if header else None
+    operation_id, parent_id = caller if caller else (telemetry.new_trace_id(), "")
+    setattr(g, REQUEST_STATE, RequestState(time.perf_counter(), time.time(), operation_id, parent_id,
+                                           telemetry.new_span_id()))
 
 
 def finish_request(response):
     """Record the finished request; telemetry failures never break the response."""
-    started = g.pop("request_started", None)
-    if started is None or request.endpoint in UNTRACKED_ENDPOINTS:
+    state = g.pop(REQUEST_STATE, None)
+    if state is None:
         return response
-    rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    req = request._get_current_object()  # one context lookup for the many reads below
+    if req.endpoint in UNTRACKED_ENDPOINTS:
+        return response
+    rule = req.url_rule
     record = telemetry.RequestRecord(
-        method=request.method, route=rule, url=_strip_query(request.base_url),
-        status=response.status_code, duration_ms=(time.perf_counter() - started) * 1000.0,
-        timestamp=g.request_timestamp, operation_id=g.operation_id, span_id=g.span_id,
-        user_id=g.get("authenticated_user_id", ""), parent_id=g.parent_id)
+        method=req.method, route=rule.rule if rule is not None else "<unmatched>",
+        url=f"{req.scheme}://{req.host}{req.root_path}{req.path}",  # no query string: it may carry secrets
+        status=response.status_code, duration_ms=(time.perf_counter() - state.started) * 1000.0,
+        timestamp=state.timestamp, operation_id=state.operation_id, span_id=state.span_id,
+        user_id=state.user_id, parent_id=state.parent_id)
     current_monitor().track_request(record)  # counts and logs its own failures, never raises
     return response
 
@@ -59,7 +63,8 @@ def _tracked_send(session, prepared, **kwargs):
     monitor = monitor_of(current_app) if has_app_context() else None
     if monitor is None or telemetry.is_internal_thread():
         return _original_send(session, prepared, **kwargs)
-    operation_id, span_id = telemetry.current_operation_id(), telemetry.new_span_id()
+    state = current_request_state()
+    operation_id, span_id = (state.operation_id if state else ""), telemetry.new_span_id()
     if operation_id and "traceparent" not in prepared.headers:  # the downstream service joins the trace
         prepared.headers["traceparent"] = telemetry.traceparent(operation_id, span_id)
     started, timestamp = time.perf_counter(), time.time()
@@ -78,5 +83,5 @@ def _tracked_send(session, prepared, **kwargs):
             data=_strip_query(prepared.url), result_code=result_code,
             success=0 < status < 400, duration_ms=(time.perf_counter() - started) * 1000.0,
             timestamp=timestamp, operation_id=operation_id, span_id=span_id,
-            parent_id=g.get("span_id", ""),
+            parent_id=state.span_id if state else "",
             method=prepared.method or "", status=status))

@@ -9,6 +9,8 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from telemetry import stringify
+
 REDACTED = "[REDACTED]"
 
 
@@ -98,12 +100,15 @@ def require_event_api_key(settings, body_key=None):
                            'ApiKey header="X-Api-Key"')
 
 
-def redact(properties, redact_keys):
-    """Replace the value of every property whose key contains a redaction word (case-insensitive)."""
+def redact_strings(properties, redact_keys):
+    """The properties as strings (telemetry.stringify), with the value of every key that contains a
+    redaction word (case-insensitive) replaced."""
     pattern = _redaction_pattern(redact_keys)
     if pattern is None:
-        return properties
-    return {key: REDACTED if pattern.search(key.lower()) else value for key, value in properties.items()}
+        return {key: value if value.__class__ is str else stringify(value) for key, value in properties.items()}
+    search = pattern.search
+    return {key: REDACTED if search(key.lower()) else value if value.__class__ is str else stringify(value)
+            for key, value in properties.items()}
 
 
 @functools.lru_cache(maxsize=16)

@@ -6,11 +6,10 @@ import random
 import re
 import threading
 import time
-import uuid
 import weakref
 from dataclasses import dataclass, field
 
-from flask import current_app, has_app_context
+from flask import current_app, g, has_app_context, has_request_context
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,13 @@ def new_event_id():
     child: uuid.uuid4() calls os.urandom each time, which costs ~29 µs per call on this VM and
     was the largest single cost of log_event. Event ids need uniqueness, not secrecy.
     """
-    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+    n = random.getrandbits(128) & _UUID_CLEAR | _UUID_V4  # the version (4) and variant (RFC 4122) bits
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID_V4 = (0x4000 << 64) | (0x8000 << 48)
 
 
 def new_trace_id():
@@ -191,10 +196,29 @@ def internal_thread():
         _local.internal = previous
 
 
+class RequestState:
+    """What the request hooks know of the request being served: its timing, its operation and its user."""
+
+    __slots__ = ("started", "timestamp", "operation_id", "parent_id", "span_id", "user_id")
+
+    def __init__(self, started, timestamp, operation_id, parent_id, span_id):
+        self.started, self.timestamp = started, timestamp
+        self.operation_id, self.parent_id, self.span_id = operation_id, parent_id, span_id
+        self.user_id = ""
+
+
+REQUEST_STATE = "usage_monitor_request"  # its attribute on flask.g
+
+
+def current_request_state():
+    """The RequestState of the request being served, or None (outside a request, or not tracked)."""
+    return getattr(g, REQUEST_STATE, None) if has_request_context() else None
+
+
 def current_operation_id():
     """The operation (trace) id of the request being served, or '' outside a request."""
-    from flask import g, has_request_context
-    return getattr(g, "operation_id", "") if has_request_context() else ""
+    state = current_request_state()
+    return state.operation_id if state is not None else ""
 
 
 TRACE_LOGGER = "usage_monitor"
@@ -236,9 +260,10 @@ class TraceForwarder(logging.Handler):
         try:
             monitor = _trace_monitor()
             if monitor is not None:
-                operation_id = current_operation_id()
+                state = current_request_state()
+                operation_id = state.operation_id if state is not None else ""
                 if operation_id:
-                    record.traceId, record.spanId = operation_id, _current_span_id()
+                    record.traceId, record.spanId = operation_id, state.span_id
                 record.operation_id = operation_id
                 monitor.track_trace(record)
         finally:
@@ -257,7 +282,3 @@ def install_trace_forwarder(level):
     return logger
 
 
-def _current_span_id():
-    """The span id of the request being served, or ''."""
-    from flask import g, has_request_context
-    return getattr(g, "span_id", "") if has_request_context() else ""

@@ -15,7 +15,7 @@ from config import load_settings
 from local_store import LocalStore, StorageUnavailable
 from log_analytics import LogAnalyticsUsageSource
 from telemetry import (EXTENSION_NAME, TelemetryUnavailable, current_monitor, forget_started, install_trace_forwarder,
-                       monitor_of, set_last_started, stringify)
+                       monitor_of, set_last_started)
 
 __all__ = ["UsageMonitor", "current_monitor", "monitor_of"]
 
@@ -163,8 +163,8 @@ class UsageMonitor:
         """
         dims = getattr(record, "custom_dimensions", None)
         if isinstance(dims, dict):
-            record.custom_dimensions = {str(k): stringify(v)
-                                        for k, v in security.redact(dims, self.settings.redact_keys).items()}
+            record.custom_dimensions = security.redact_strings({str(k): v for k, v in dims.items()},
+                                                               self.settings.redact_keys)
         self._hand_over("trace", record)
 
     def flush(self, timeout=10.0):

@@ -77,6 +77,10 @@ def test_host_routes_trackers_dependencies_and_logger_in_local_mode(host, backen
 
     logins = _rows(host, "SELECT user_id FROM events WHERE name = 'UserLogin' ORDER BY user_id")
     assert [r["user_id"] for r in logins] == ["42", "43"], "an int id is stored as its decimal string"
+    request_users = _rows(host, "SELECT name, user_id FROM requests WHERE name LIKE 'P%' ORDER BY id")
+    assert [(r["name"], r["user_id"]) for r in request_users] == [
+        ("POST /login/<int:user_id>", "42"), ("POST /login/<int:user_id>", "43"), ("PUT /items/<int:item_id>", "7")
+    ], "a request that records a user's login or activity is that user's request"
 
     traces = _rows(host, "SELECT * FROM traces ORDER BY id")
     assert [(t["message"], t["severity_level"], t["level"]) for t in traces] == [
