@@ -268,7 +268,7 @@ def markdown(res):
     lines += ["", "## Local store and dashboard", "", "| measure | figure |", "| --- | --- |"]
     if "store" in res:
         s = res["store"]
-        lines.append(f"| `log_event` → local store, end to end (bench/store_throughput.py) | " +
+        lines.append("| `log_event` → local store, end to end (bench/store_throughput.py) | " +
                      (f"{fmt(s['events_per_s'])} events/s (runs {', '.join(fmt(x) for x in s['runs'])}; {fmt(s['events'])} events each)"
                       if "error" not in s else "error") + " |")
     for key, label in (("dashboard", "GET /dashboard/usage?days=30"), ("cardinality", "the same, high cardinality (--cardinality)")):
