@@ -676,12 +676,13 @@ class _Writer:
 
     def __init__(self, capacity):
         # The queue: a deque bounded by `room` under `lock` (queue.Queue's put_nowait costs three times more).
-        # The writer sets `idle` before it waits for `wake`; a put sets `wake` only then.
+        # Before the writer waits for `wake` it sets `wake_at`: the queue length at which a put sets `wake`
+        # (1 when idle; the rest of a batch while gathering one, so a busy writer is not woken per record).
         self.items = collections.deque()
         self.room = capacity       # 0 once closed
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.idle = False
+        self.wake_at = math.inf
         self.held = []             # lists of queue items taken and not yet committed: the batch in hand
         self.encoded = None        # (rows by insert kind, count) of `held`, built once per batch
         self.claims = []           # pending files whose rows are in `held`
@@ -856,7 +857,7 @@ class LocalStore:
         with w.lock:
             if len(w.items) < w.room:
                 w.items.append((kind, record))
-                if w.idle:
+                if len(w.items) >= w.wake_at:
                     w.wake.set()
                 return
         raise _refusal(w)
@@ -1021,7 +1022,8 @@ class LocalStore:
         count, waiters, deadline = 0, [], None
         timeout = 0.0 if w.job is not None or w.job_waiters or w.stopping.is_set() else _IDLE_TICK
         while True:
-            items = self._take(w, self.batch_size - count, timeout)
+            remaining = self.batch_size - count
+            items = self._take(w, remaining, timeout, 1 if deadline is None else remaining)
             if items:
                 for kind, payload in items:
                     if kind in _TABLE_OF:
@@ -1045,15 +1047,16 @@ class LocalStore:
         return waiters
 
     @staticmethod
-    def _take(w, limit, timeout):
-        """Move up to `limit` queue items into w.held (waiting up to `timeout` for the first); return them."""
+    def _take(w, limit, timeout, enough=1):
+        """Move up to `limit` queue items into w.held, first waiting up to `timeout` while fewer than
+        `enough` are queued (a control item wakes it at once); return them."""
         dq = w.items
-        if not dq and timeout > 0 and not w.stopping.is_set():
-            w.wake.clear()
-            w.idle = True
-            if not dq:  # checked again after `idle` is set: a put after this sets `wake`
+        if len(dq) < enough and timeout > 0 and not w.stopping.is_set():
+            w.wake_at = enough
+            if len(dq) < enough:  # checked again after `wake_at` is set: a put after this sets `wake`
                 w.wake.wait(timeout)
-            w.idle = False
+            w.wake_at = math.inf
+            w.wake.clear()  # after the wait, so a control item queued before it (which sets `wake`) ends it
         with w.lock:
             n = min(len(dq), max(limit, 1))
             if not n:
