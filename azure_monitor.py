@@ -7,12 +7,10 @@ mode and rows of the local store's `traces` table in local mode.
 import itertools
 import logging
 import os
-import queue
 import threading
 import time
 from datetime import datetime, timezone
 
-from opencensus.common.schedule import QueueEvent
 from opencensus.ext.azure.log_exporter import AzureEventHandler, AzureLogHandler
 from opencensus.ext.azure.metrics_exporter import MetricsExporter
 from opencensus.ext.azure.trace_exporter import AzureExporter
@@ -21,6 +19,7 @@ from opencensus.trace.span_context import SpanContext
 from opencensus.trace.span_data import SpanData
 from opencensus.trace.status import Status
 
+import opencensus_adapter
 import system_health
 from sampling import Sampler
 import telemetry
@@ -42,20 +41,12 @@ _registry = {}  # (pid, settings) -> handlers of one Azure configuration in this
 _serial = itertools.count(1)
 
 
-class _RealLockMixin:
-    """The SDK sets `self.lock = None`, which breaks every log call on Python 3.13; keep a real lock."""
-
-    def createLock(self):
-        """Create the standard handler lock."""
-        logging.Handler.createLock(self)
-
-
-class _ReliableHandlerMixin(_RealLockMixin, ReliableExporterMixin):
+class _ReliableHandlerMixin(opencensus_adapter.RealLockMixin, ReliableExporterMixin):
     """Log handler side of reliable delivery: queue without dropping, export with write-ahead."""
 
     def emit(self, record):
         """Queue the record; never blocks, never drops."""
-        self._enqueue(record)
+        self.enqueue(record)
 
     def _export(self, batch, event=None):
         """Deliver one batch taken from the queue by the SDK's worker."""
@@ -95,7 +86,7 @@ class TraceExporter(ReliableExporterMixin, AzureExporter):
     def export(self, items):
         """Queue finished spans; never blocks, never drops."""
         for item in items:
-            self._enqueue(item)
+            self.enqueue(item)
 
     def emit(self, batch, event=None):
         """Deliver one batch taken from the queue by the SDK's worker."""
@@ -228,24 +219,11 @@ def _iso(ts):
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _drain(q, timeout):
-    """Wait until the exporter worker has exported everything queued before this call.
-
-    The SDK's own Queue.flush returns at once when the worker has already taken the items
-    out of the queue but not yet sent them; a marker in the queue always waits for them.
-    """
-    marker = QueueEvent("SYNC")
-    try:
-        q._queue.put(marker, timeout=timeout)
-    except queue.Full:
-        return False
-    return marker.wait(timeout)
-
-
 class AzureSink:
     """The Azure sink: events to customEvents, requests and dependencies as spans, metrics."""
 
     def __init__(self, settings):
+        opencensus_adapter.check_versions()  # the adapter's use of private internals holds for the pinned SDK only
         self.settings = settings
         self.stats = DeliveryStats()
         self._events = self._event_handler = self._log_handler = None
@@ -347,7 +325,7 @@ class AzureSink:
         done = True
         for exporter in self._queued_exporters():
             exporter.spill_overflow()
-            done = _drain(exporter._queue, timeout) and done
+            done = opencensus_adapter.wait_until_exported(exporter, timeout) and done
         self._metrics.export_metrics(self._producer.get_metrics())
         return done
 
@@ -361,17 +339,17 @@ class AzureSink:
         remaining = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
         self._courier.stop(remaining())
         for exporter in self._queued_exporters():
-            if exporter.backing_off() or not _drain(exporter._queue, remaining()):
+            if exporter.backing_off() or not opencensus_adapter.wait_until_exported(exporter, remaining()):
                 exporter.spill_queue()
         self._close_metrics(remaining)
-        self._traces._stop(remaining() or 0.01)
-        self._metrics.storage.close()
+        opencensus_adapter.stop_trace_exporter(self._traces, remaining() or 0.01)
+        opencensus_adapter.close_storage(self._metrics)
         shutdown_logging(self._event_handler, remaining() or 0.01)
 
     def _close_metrics(self, remaining):
         """The last interval's metrics: sent when ingestion answers within the grace, stored otherwise."""
         metrics = self._metrics
-        metrics.exporter_thread.cancel()
+        opencensus_adapter.cancel_metrics_thread(metrics)
         envelopes = metrics.apply_telemetry_processors(
             [e for m in self._producer.get_metrics() for e in metrics.metric_to_envelopes(m)])
         if not envelopes:
@@ -400,8 +378,8 @@ class AzureSink:
 
     def _queue_depths(self):
         """Items waiting in each exporter's queue."""
-        return {"events": self._event_handler._queue._queue.qsize(), "traces": self._log_handler._queue._queue.qsize(),
-                "spans": self._traces._queue._queue.qsize()}
+        depth = opencensus_adapter.queue_depth
+        return {"events": depth(self._event_handler), "traces": depth(self._log_handler), "spans": depth(self._traces)}
 
     def outbox(self):
         """The offline storage on disk, per folder (files, leased, bytes, oldest_age_s, full); no start needed."""
@@ -448,7 +426,7 @@ class AzureSink:
 
     def _queued_exporters(self):
         """The exporters with a queue whose worker is still running."""
-        return [e for e in (self._event_handler, self._log_handler, self._traces) if e._worker.is_alive()]
+        return [e for e in (self._event_handler, self._log_handler, self._traces) if opencensus_adapter.worker_alive(e)]
 
     def health(self):
         """Delivery counters and queue depths for /healthz."""

@@ -15,10 +15,9 @@ import time
 from datetime import datetime, timezone
 
 import requests
-from opencensus.common.schedule import QueueEvent
-from opencensus.ext.azure.common.storage import LocalFileBlob
 from opencensus.ext.azure.common.transport import TransportStatusCode
 
+import opencensus_adapter
 from telemetry import mark_internal_thread
 
 # Never exported: a delivery warning sent through the exporters would feed back into them.
@@ -106,10 +105,10 @@ class ReliableExporterMixin:
         super().__init__(**options)
 
     # -- queueing ----------------------------------------------------------
-    def _enqueue(self, item):
+    def enqueue(self, item):
         """Queue an item without blocking; a full queue overflows to memory, then to disk."""
         try:
-            self._queue._queue.put_nowait(item)
+            opencensus_adapter.put_nowait(self, item)
         except queue.Full:
             if len(self._overflow) >= self._overflow_capacity:
                 self._store(self._to_envelopes([item]))
@@ -127,18 +126,7 @@ class ReliableExporterMixin:
 
     def spill_queue(self):
         """Move everything still queued to storage (shutdown); markers are released."""
-        items = []
-        if getattr(self, "_queue", None) is None:
-            return 0
-        while True:
-            try:
-                item = self._queue._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, QueueEvent):
-                item.set()
-            else:
-                items.append(item)
+        items = opencensus_adapter.take_queued(self)
         for start in range(0, len(items), self.max_batch_size):
             self._store(self._to_envelopes(items[start:start + self.max_batch_size]))
         self.spill_overflow()
@@ -224,7 +212,7 @@ class ReliableExporterMixin:
             return batches, items, "timed out waiting for the send in progress"
         try:
             # Batches this process leased until its next retry are nobody else's: take them too.
-            held = [LocalFileBlob(path) for path in list(self._held)]
+            held = [opencensus_adapter.stored_blob(path) for path in list(self._held)]
             blobs = sorted(held + self._stored_blobs(), key=lambda b: os.path.basename(b.fullpath))
             for blob in blobs:
                 if time.monotonic() >= deadline:

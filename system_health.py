@@ -7,6 +7,7 @@ from opencensus.metrics import label_key, label_value
 from opencensus.metrics.export import metric, metric_descriptor, point, time_series, value
 from opencensus.metrics.export.metric_producer import MetricProducer
 
+import opencensus_adapter
 from telemetry import current_monitor, monitor_of
 
 _LABELS = [label_key.LabelKey("route", "route template"), label_key.LabelKey("method", "HTTP method"),
@@ -63,10 +64,7 @@ class ResponseTimeProducer(MetricProducer):
 
 def start_metrics_thread(exporter, producer, interval):
     """Start the OpenCensus exporter thread that ships `producer`'s metrics every interval."""
-    from opencensus.metrics import transport
-
-    exporter.exporter_thread = transport.get_exporter_thread([producer], exporter, interval=interval)
-    return exporter.exporter_thread
+    return opencensus_adapter.start_metrics_thread(exporter, [producer], interval)
 
 
 def setup_metrics_exporter(app=None):

@@ -1,5 +1,7 @@
 """Azure mode at the wire: the real OpenCensus exporters POST envelopes to a fake ingestion endpoint."""
 import logging
+import os
+import re
 
 import pytest
 import requests
@@ -7,6 +9,7 @@ import requests
 from opencensus.ext.azure.log_exporter import BaseLogHandler
 
 import azure_monitor
+import opencensus_adapter
 from app import create_app
 from fake_ingestion import IKEY, FakeIngestion
 from usage_tracking import log_crud_activity, log_user_login
@@ -163,3 +166,43 @@ def test_logger_warnings_become_traces_and_setup_twice_adds_no_handler(azure_app
     assert messages.count("disk almost full") == 1, "one handler, one trace"
     assert all(t["data"]["baseData"]["severityLevel"] >= 2 for t in traces), "warnings and errors only"
     monitor_of(second).close()
+
+
+# -- the one adapter for OpenCensus' private internals ---------------------------------------------
+
+def test_a_different_sdk_version_fails_at_start_naming_package_and_versions():
+    with pytest.raises(opencensus_adapter.SdkVersionMismatch) as caught:
+        opencensus_adapter.check_versions({"opencensus": "0.11.4", "opencensus-ext-azure": "1.1.16"})
+    message = str(caught.value)
+    assert "opencensus-ext-azure: pinned 1.1.15, installed 1.1.16" in message
+    assert "opencensus:" not in message.replace("opencensus-ext-azure:", ""), "only the mismatching package"
+    assert "requirements.txt" in message
+    with pytest.raises(opencensus_adapter.SdkVersionMismatch, match="opencensus: pinned 0.11.4, installed none"):
+        opencensus_adapter.check_versions({"opencensus-ext-azure": "1.1.15"})
+    opencensus_adapter.check_versions(dict(opencensus_adapter.PINNED))  # the pinned versions pass
+
+
+def test_the_installed_sdk_is_the_pinned_one_and_requirements_pin_the_same():
+    opencensus_adapter.check_versions()
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")) as fh:
+        pins = dict(line.split("#")[0].strip().split("==") for line in fh if "==" in line.split("#")[0])
+    assert {name: pins[name] for name in opencensus_adapter.PINNED} == opencensus_adapter.PINNED
+
+
+def test_an_azure_app_does_not_start_on_another_sdk_version(ingestion, tmp_path, monkeypatch):
+    monkeypatch.setitem(opencensus_adapter.PINNED, "opencensus-ext-azure", "0.0.1")  # as if 0.0.1 were pinned
+    with pytest.raises(opencensus_adapter.SdkVersionMismatch,
+                       match=r"opencensus-ext-azure: pinned 0\.0\.1, installed 1\.1\.15"):
+        create_app(azure_config(ingestion, tmp_path))
+
+
+def test_no_module_but_the_adapter_touches_the_sdk_internals():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    private = re.compile(r"_queue\._queue|\._worker\b|\._stop\(|exporter_thread|createLock|QueueEvent|LocalFileBlob"
+                         r"|LocalFileStorage|\._check_storage_size")
+    offenders = []
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py") and name != "opencensus_adapter.py":
+            with open(os.path.join(root, name)) as fh:
+                offenders += [f"{name}:{n}" for n, line in enumerate(fh, 1) if private.search(line.split("#")[0])]
+    assert offenders == []

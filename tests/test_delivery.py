@@ -27,6 +27,7 @@ from flask import Flask
 
 import telemetry
 import azure_monitor
+import opencensus_adapter
 from app import create_app
 from fake_ingestion import IKEY, FakeIngestion
 from logging_utils import log_event
@@ -657,7 +658,7 @@ def test_burst_of_10000_events_drops_nothing(fake, make_app, tmp_path, caplog):
     def sample():
         while not sampling.is_set():
             peak["overflow"] = max(peak["overflow"], len(handler._overflow))
-            peak["queued"] = max(peak["queued"], handler._queue._queue.qsize())
+            peak["queued"] = max(peak["queued"], opencensus_adapter.queue_depth(handler))
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
