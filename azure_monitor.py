@@ -3,21 +3,24 @@
 `logger` is the seed's trace logger: once an app with a UsageMonitor has started, its records
 become Application Insights traces (MessageData; ExceptionData for logger.exception) in Azure
 mode and rows of the local store's `traces` table in local mode.
+
+The request path only queues the record itself (an EventRecord, or a RequestRecord or
+DependencyRecord with its sampling rate); each exporter's worker thread turns a batch of them
+into envelopes of the SDK's protocol classes, with the same fields the SDK's own converters
+(`log_record_to_envelope`, `span_data_to_envelope`) give, and delivers it.
 """
-import itertools
 import logging
 import os
 import threading
 import time
 from datetime import datetime, timezone
+from urllib.parse import urlparse
 
+from opencensus.ext.azure.common import utils as sdk_utils
+from opencensus.ext.azure.common.protocol import Data, Envelope, Event, RemoteDependency, Request
 from opencensus.ext.azure.log_exporter import AzureEventHandler, AzureLogHandler
 from opencensus.ext.azure.metrics_exporter import MetricsExporter
 from opencensus.ext.azure.trace_exporter import AzureExporter
-from opencensus.trace.span import SpanKind
-from opencensus.trace.span_context import SpanContext
-from opencensus.trace.span_data import SpanData
-from opencensus.trace.status import Status
 
 import opencensus_adapter
 import system_health
@@ -32,13 +35,96 @@ log = logging.getLogger("azure_monitor")
 # The public trace logger (TRACE_LOG_LEVEL, INFO by default): `from azure_monitor import logger`.
 logger = logging.getLogger(telemetry.TRACE_LOGGER)
 
-EVENT_LOGGER = "telemetry.events"
 _ZERO_TRACE = "0" * 32
-_SAMPLE_RATE = "sampling.rate"  # a span attribute carrying the kept fraction to the envelope (then removed)
+_ZERO_SPAN = "0" * 16
+_UTC = timezone.utc
+_build = opencensus_adapter.protocol_object
 
 _lock = threading.Lock()
 _registry = {}  # (pid, settings) -> handlers of one Azure configuration in this process
-_serial = itertools.count(1)
+
+
+def _iso(ts):
+    """An epoch timestamp in OpenCensus' envelope time format (2026-11-30T12:00:00.123456Z)."""
+    return datetime.fromtimestamp(ts, _UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def _span_times(ts, duration_ms):
+    """(start time, duration) of a span as OpenCensus renders them: the difference of the two rounded times."""
+    start = datetime.fromtimestamp(ts, _UTC)
+    delta = datetime.fromtimestamp(ts + duration_ms / 1000.0, _UTC) - start
+    micros = (delta.days * 86400 + delta.seconds) * 1000000 + delta.microseconds
+    return start.isoformat(timespec="microseconds")[:-6] + "Z", sdk_utils.microseconds_to_duration(micros)
+
+
+def _tags(operation_id):
+    """The SDK's context tags plus the operation id."""
+    tags = dict(sdk_utils.azure_monitor_context)
+    tags["ai.operation.id"] = operation_id
+    return tags
+
+
+def event_envelope(ikey, rec):
+    """An EventRecord as the EventData envelope AzureEventHandler builds, with its user and session tags and its own time."""
+    tags = _tags(rec.operation_id or _ZERO_TRACE)
+    tags["ai.operation.parentId"] = f"|{tags['ai.operation.id']}.{_ZERO_SPAN}."
+    if rec.user_id:
+        tags["ai.user.authUserId"] = rec.user_id
+    if rec.anonymous_id:
+        tags["ai.user.id"] = rec.anonymous_id
+    if rec.session_id:
+        tags["ai.session.id"] = rec.session_id
+    event = _build(Event, {"name": rec.name, "properties": dict(rec.properties), "measurements": {}, "ver": 2})
+    return _build(Envelope, {"iKey": ikey, "tags": tags, "time": _iso(rec.timestamp),  # the client's time
+                             "name": "Microsoft.ApplicationInsights.Event",
+                             "data": _build(Data, {"baseData": event, "baseType": "EventData"})})
+
+
+def request_envelope(ikey, rec, rate):
+    """A RequestRecord as the RequestData envelope of a SERVER span, with our success rule (only 5xx fails),
+    the user tag and, when sampled, the sampleRate that makes ItemCount 1 / rate."""
+    start, duration = _span_times(rec.timestamp, rec.duration_ms)
+    tags = _tags(rec.operation_id or telemetry.new_trace_id())  # OpenCensus gives a span without one a new trace
+    if rec.parent_id:
+        tags["ai.operation.parentId"] = rec.parent_id
+    name = f"{rec.method} {rec.route}"
+    tags["ai.operation.name"] = name
+    if rec.user_id:
+        tags["ai.user.authUserId"] = rec.user_id
+    data = _build(Request, {"id": rec.span_id, "duration": duration, "responseCode": str(rec.status),
+                            "success": not telemetry.is_failure(rec.status),
+                            "properties": {"request.name": name, "request.url": rec.url},
+                            "ver": 2, "name": name, "url": rec.url})
+    return _span_envelope(ikey, tags, start, "Microsoft.ApplicationInsights.Request", data, "RequestData", rate)
+
+
+def dependency_envelope(ikey, rec, rate):
+    """A DependencyRecord as the RemoteDependencyData envelope of a CLIENT span (an HTTP call)."""
+    start, duration = _span_times(rec.timestamp, rec.duration_ms)
+    tags = _tags(rec.operation_id or telemetry.new_trace_id())  # OpenCensus gives a span without one a new trace
+    if rec.parent_id:
+        tags["ai.operation.parentId"] = rec.parent_id
+    url = urlparse(rec.data)
+    properties = {"component": rec.type}
+    if rec.status:
+        result_code, success = str(rec.status), 200 <= rec.status < 400
+    else:  # no response: the span's status says whether the call failed
+        result_code, success = ("0", True) if rec.success else ("2", False)
+        properties["error.name"] = rec.result_code
+    data = _build(RemoteDependency, {"name": f"{rec.method} {url.path}", "id": rec.span_id, "resultCode": result_code,
+                                     "duration": duration, "success": success, "properties": properties, "ver": 2,
+                                     "type": rec.type, "data": rec.data, "target": url.netloc})
+    return _span_envelope(ikey, tags, start, "Microsoft.ApplicationInsights.RemoteDependency", data,
+                          "RemoteDependencyData", rate)
+
+
+def _span_envelope(ikey, tags, start, name, data, base_type, rate):
+    """The envelope around a span's data; sampleRate (percent) only when the operation was sampled."""
+    envelope = _build(Envelope, {"iKey": ikey, "tags": tags, "time": start, "name": name,
+                                 "data": _build(Data, {"baseData": data, "baseType": base_type})})
+    if rate < 1:
+        envelope["sampleRate"] = rate * 100.0
+    return envelope
 
 
 class _ReliableHandlerMixin(opencensus_adapter.RealLockMixin, ReliableExporterMixin):
@@ -52,50 +138,38 @@ class _ReliableHandlerMixin(opencensus_adapter.RealLockMixin, ReliableExporterMi
         """Deliver one batch taken from the queue by the SDK's worker."""
         self._deliver_batch(batch, event)
 
-    def _to_envelopes(self, items):
-        """Log records to envelopes."""
-        return self.apply_telemetry_processors([self.log_record_to_envelope(r) for r in items])
-
 
 class EventHandler(_ReliableHandlerMixin, AzureEventHandler):
-    """AzureEventHandler that also fills the user and session tags and keeps the event's own time."""
+    """The custom events' exporter: its queue holds EventRecords, its worker builds their envelopes."""
 
-    _TAGS = (("auth_user_id", "ai.user.authUserId"), ("anonymous_id", "ai.user.id"),
-             ("session_id", "ai.session.id"))
-
-    def log_record_to_envelope(self, record):
-        """Build the EventData envelope, then add the record's user and session tags and its time."""
-        envelope = super().log_record_to_envelope(record)
-        for attribute, tag in self._TAGS:
-            value = getattr(record, attribute, "")
-            if value:
-                envelope.tags[tag] = value
-        event_time = getattr(record, "event_time", None)
-        if event_time is not None:  # a client's timestamp: the event lands on its own day
-            envelope.time = _iso(event_time)
-        return envelope
+    def _to_envelopes(self, items):
+        """EventRecords to EventData envelopes."""
+        ikey = self.options.instrumentation_key
+        return self.apply_telemetry_processors([event_envelope(ikey, rec) for rec in items])
 
 
 class LogHandler(_ReliableHandlerMixin, AzureLogHandler):
-    """AzureLogHandler with reliable delivery."""
+    """AzureLogHandler with reliable delivery: trace log records to MessageData (ExceptionData) envelopes."""
+
+    def _to_envelopes(self, items):
+        """Log records to envelopes (the SDK's converter)."""
+        return self.apply_telemetry_processors([self.log_record_to_envelope(r) for r in items])
+
+
+_SPAN_ENVELOPES = {telemetry.RequestRecord: request_envelope, telemetry.DependencyRecord: dependency_envelope}
 
 
 class TraceExporter(ReliableExporterMixin, AzureExporter):
-    """AzureExporter (requests and dependencies) with reliable delivery."""
-
-    def export(self, items):
-        """Queue finished spans; never blocks, never drops."""
-        for item in items:
-            self.enqueue(item)
+    """The requests' and dependencies' exporter: its queue holds (record, sampling rate) pairs."""
 
     def emit(self, batch, event=None):
         """Deliver one batch taken from the queue by the SDK's worker."""
         self._deliver_batch(batch, event)
 
     def _to_envelopes(self, items):
-        """Spans to envelopes."""
-        return self.apply_telemetry_processors(
-            [e for sd in items for e in self.span_data_to_envelope(sd)])
+        """(RequestRecord or DependencyRecord, rate) pairs to RequestData and RemoteDependencyData envelopes."""
+        ikey = self.options.instrumentation_key
+        return self.apply_telemetry_processors([_SPAN_ENVELOPES[type(rec)](ikey, rec, rate) for rec, rate in items])
 
 
 class MetricExporter(ReliableExporterMixin, MetricsExporter):
@@ -134,11 +208,12 @@ def _exporter_options(settings, stats, kind):
 
 
 def setup_logging(settings, stats):
-    """Attach the event and trace handlers for these settings once per process.
+    """Create the event and trace handlers for these settings once per process.
 
-    Returns (event logger, event handler, log handler). The same settings again add nothing
-    (the handlers are shared and reference-counted); other settings (another app in the same
-    process) get their own event logger, so each app's events reach its own resource.
+    Returns (event handler, log handler). The same settings again create nothing (the handlers
+    are shared and reference-counted); other settings (another app in the same process) get
+    their own, so each app's events reach its own resource. No handler goes on any logger:
+    events are queued by AzureSink.track_event, traces by the trace logger's forwarder.
     """
     key = (os.getpid(), settings)
     with _lock:
@@ -148,21 +223,16 @@ def setup_logging(settings, stats):
             entry = _attach(settings, stats)
             _registry[key] = entry
         entry["users"] += 1
-        return entry["event_logger"], entry["event_handler"], entry["log_handler"]
+        return entry["event_handler"], entry["log_handler"]
 
 
 def _attach(settings, stats):
-    """Create the handlers and put them on their loggers (never on the root logger)."""
+    """Create the handlers (fed by AzureSink.track_event and track_trace)."""
     _setup_statsbeat(settings)
     _silence_sdk_capacity_warnings()
     event_handler = EventHandler(**_exporter_options(settings, stats, "events"))
-    log_handler = LogHandler(**_exporter_options(settings, stats, "traces"))  # fed by AzureSink.track_trace
-    event_logger = logging.getLogger(f"{EVENT_LOGGER}.{next(_serial)}")
-    event_logger.setLevel(logging.INFO)
-    event_logger.propagate = False
-    event_logger.addHandler(event_handler)
-    return {"event_logger": event_logger, "event_handler": event_handler, "log_handler": log_handler,
-            "users": 0}
+    log_handler = LogHandler(**_exporter_options(settings, stats, "traces"))
+    return {"event_handler": event_handler, "log_handler": log_handler, "users": 0}
 
 
 class _SdkCapacityFilter(logging.Filter):
@@ -190,8 +260,7 @@ def _setup_statsbeat(settings):
 
 
 def _detach(entry, timeout=None):
-    """Remove an entry's handlers from their loggers and, in their own process, close them."""
-    entry["event_logger"].removeHandler(entry["event_handler"])
+    """Close an entry's handlers (in their own process)."""
     for handler in (entry["event_handler"], entry["log_handler"]):
         handler.close(timeout)
 
@@ -199,8 +268,7 @@ def _detach(entry, timeout=None):
 def _forget_other_processes():
     """After a fork, drop the parent's handlers: their worker threads do not exist here."""
     for key in [k for k in _registry if k[0] != os.getpid()]:
-        entry = _registry.pop(key)
-        entry["event_logger"].removeHandler(entry["event_handler"])
+        del _registry[key]
 
 
 def shutdown_logging(handler, timeout=None):
@@ -214,11 +282,6 @@ def shutdown_logging(handler, timeout=None):
                     _detach(entry, timeout)
 
 
-def _iso(ts):
-    """An epoch timestamp in OpenCensus' span time format."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 class AzureSink:
     """The Azure sink: events to customEvents, requests and dependencies as spans, metrics."""
 
@@ -226,7 +289,7 @@ class AzureSink:
         opencensus_adapter.check_versions()  # the adapter's use of private internals holds for the pinned SDK only
         self.settings = settings
         self.stats = DeliveryStats()
-        self._events = self._event_handler = self._log_handler = None
+        self._event_handler = self._log_handler = None
         self._traces = self._metrics = self._producer = self._courier = None
         self._sampler = Sampler(settings.trace_sampling, rate=settings.trace_sampling_rate,
                                 target_per_s=settings.trace_sampling_target,
@@ -234,9 +297,8 @@ class AzureSink:
 
     def start(self):
         """Create the exporters and their threads in this process."""
-        self._events, self._event_handler, self._log_handler = setup_logging(self.settings, self.stats)
+        self._event_handler, self._log_handler = setup_logging(self.settings, self.stats)
         self._traces = TraceExporter(**_exporter_options(self.settings, self.stats, "requests"))
-        self._traces.add_telemetry_processor(self._tag_envelope)
         self._producer = system_health.ResponseTimeProducer()
         self._metrics = MetricExporter(**dict(
             _exporter_options(self.settings, self.stats, "metrics"),
@@ -254,71 +316,30 @@ class AzureSink:
         """Every reliable exporter this sink feeds."""
         return [self._event_handler, self._log_handler, self._traces, self._metrics]
 
-    def _tag_envelope(self, envelope):
-        """User id into its tag, our success rule (only 5xx fail), and the sampling rate for ItemCount."""
-        base = envelope.data.baseData
-        if envelope.data.baseType == "RequestData":
-            base.success = not telemetry.is_failure(int(base.responseCode))
-        props = base.properties
-        user = props.pop("enduser.id", None) if props else None
-        if user:
-            envelope.tags["ai.user.authUserId"] = user
-        rate = props.pop(_SAMPLE_RATE, None) if props else None
-        if rate is not None and rate < 1:  # the operation's rate when it was decided: ItemCount = 1 / rate
-            envelope.sampleRate = rate * 100.0
-        return True
-
     def track_event(self, rec):
-        """Send a custom event through the event logger (queued by the handler)."""
-        self._events.info(rec.name, extra={
-            "custom_dimensions": rec.properties, "auth_user_id": rec.user_id, "event_time": rec.timestamp,
-            "anonymous_id": rec.anonymous_id, "session_id": rec.session_id,
-            "traceId": rec.operation_id or _ZERO_TRACE})
+        """Queue one custom event (its envelope is built by the exporter's worker)."""
+        self._event_handler.enqueue(rec)
 
     def track_trace(self, record):
         """Queue one log record of the trace logger (MessageData, or ExceptionData with exc_info)."""
-        self._log_handler.emit(record)
+        self._log_handler.enqueue(record)
 
     def _sampled(self, operation_id):
         """The kept fraction of this operation, or None when it is dropped; its request and dependencies agree."""
         return self._sampler.decide(operation_id or _ZERO_TRACE)
 
     def track_request(self, rec):
-        """Record the response-time metric and export a SERVER span (RequestData)."""
+        """Record the response-time metric and queue the request (RequestData) unless it is sampled out."""
         self._producer.record(rec.route, rec.method, rec.status, rec.duration_ms)  # every request, unsampled
         rate = self._sampled(rec.operation_id)
-        if rate is None:
-            return
-        attributes = {"http.method": rec.method, "http.route": rec.route, "http.url": rec.url,
-                      "http.status_code": rec.status, _SAMPLE_RATE: rate}
-        if rec.user_id:
-            attributes["enduser.id"] = rec.user_id
-        self._export_span(rec.name, rec.operation_id, rec.span_id, rec.parent_id or None, attributes,
-                          rec.timestamp, rec.duration_ms, SpanKind.SERVER)
+        if rate is not None:
+            self._traces.enqueue((rec, rate))
 
     def track_dependency(self, rec):
-        """Export a CLIENT span (RemoteDependencyData) for an outgoing call."""
+        """Queue an outgoing call (RemoteDependencyData) unless its operation is sampled out."""
         rate = self._sampled(rec.operation_id)
-        if rate is None:
-            return
-        attributes = {"component": rec.type, "http.url": rec.data, "http.method": rec.method, _SAMPLE_RATE: rate}
-        if rec.status:
-            attributes["http.status_code"] = rec.status
-        else:
-            attributes["error.name"] = rec.result_code
-        self._export_span(rec.name, rec.operation_id, rec.span_id, rec.parent_id or None,
-                          attributes, rec.timestamp, rec.duration_ms, SpanKind.CLIENT,
-                          status_code=0 if rec.success else 2)
-
-    def _export_span(self, name, trace_id, span_id, parent_id, attributes, ts, duration_ms, kind,
-                     status_code=0):
-        """Queue one finished span on the trace exporter."""
-        self._traces.export([SpanData(
-            name=name, context=SpanContext(trace_id=trace_id or _ZERO_TRACE), span_id=span_id,
-            parent_span_id=parent_id, attributes=attributes, start_time=_iso(ts),
-            end_time=_iso(ts + duration_ms / 1000.0), child_span_count=0, stack_trace=None,
-            annotations=None, message_events=None, links=None, status=Status(status_code),
-            same_process_as_parent_span=None, span_kind=kind)])
+        if rate is not None:
+            self._traces.enqueue((rec, rate))
 
     def flush(self, timeout=10.0):
         """Deliver (or store) everything queued so far, including this interval's metrics."""

@@ -1,19 +1,28 @@
 """Azure mode at the wire: the real OpenCensus exporters POST envelopes to a fake ingestion endpoint."""
+import json
 import logging
 import os
 import re
+import types
+from datetime import datetime, timezone
 
 import pytest
 import requests
 
-from opencensus.ext.azure.log_exporter import BaseLogHandler
+from opencensus.ext.azure.common.protocol import Data, Envelope, Event
+from opencensus.ext.azure.log_exporter import AzureEventHandler, BaseLogHandler
+from opencensus.ext.azure.trace_exporter import AzureExporter
+from opencensus.trace.span import SpanKind
+from opencensus.trace.span_context import SpanContext
+from opencensus.trace.span_data import SpanData
+from opencensus.trace.status import Status
 
 import azure_monitor
 import opencensus_adapter
 from app import create_app
 from fake_ingestion import IKEY, FakeIngestion
 from usage_tracking import log_crud_activity, log_user_login
-from telemetry import TraceForwarder, monitor_of
+from telemetry import DependencyRecord, EventRecord, RequestRecord, TraceForwarder, monitor_of
 
 
 @pytest.fixture
@@ -153,9 +162,10 @@ def test_logger_warnings_become_traces_and_setup_twice_adds_no_handler(azure_app
         return [h for h in logger.handlers if isinstance(h, BaseLogHandler)]
 
     first_sink, second_sink = monitor_of(azure_app).sink, monitor_of(second).sink
-    assert first_sink._events is second_sink._events, "the same settings share one event logger"
-    assert len(ours(first_sink._events)) == 1
+    assert first_sink._event_handler is second_sink._event_handler, "the same settings share one event exporter"
+    assert first_sink._log_handler is second_sink._log_handler
     forwarders = [h for h in azure_monitor.logger.handlers if isinstance(h, TraceForwarder)]
+    assert ours(azure_monitor.logger) == [], "traces reach the exporter through the forwarder only"
     assert len(forwarders) == 1, "two apps, one forwarder on the trace logger"
     assert ours(logging.getLogger()) == [], "nothing goes on the root logger"
     _flush(azure_app)
@@ -206,3 +216,95 @@ def test_no_module_but_the_adapter_touches_the_sdk_internals():
             with open(os.path.join(root, name)) as fh:
                 offenders += [f"{name}:{n}" for n, line in enumerate(fh, 1) if private.search(line.split("#")[0])]
     assert offenders == []
+
+
+# -- envelopes built in the exporters' workers: the same JSON as the SDK's own converters ----------
+
+SDK_SELF = types.SimpleNamespace(options=types.SimpleNamespace(instrumentation_key=IKEY),
+                                 format=logging.Formatter().format)
+
+
+def _json(envelope):
+    return json.loads(json.dumps(envelope))
+
+
+def _sdk_event(rec):
+    """What the event logger's record became through AzureEventHandler, plus our tags and the event's time."""
+    record = logging.LogRecord("telemetry.events.1", logging.INFO, __file__, 1, rec.name, None, None)
+    record.custom_dimensions, record.traceId = rec.properties, rec.operation_id or "0" * 32
+    envelope = AzureEventHandler.log_record_to_envelope(SDK_SELF, record)
+    for value, tag in ((rec.user_id, "ai.user.authUserId"), (rec.anonymous_id, "ai.user.id"),
+                       (rec.session_id, "ai.session.id")):
+        if value:
+            envelope.tags[tag] = value
+    envelope.time = datetime.fromtimestamp(rec.timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return envelope
+
+
+def _sdk_span(rec, rate):
+    """What the record became as a SpanData through AzureExporter, plus our success rule, user tag and sampleRate."""
+    iso = lambda ts: datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # noqa: E731
+    if isinstance(rec, RequestRecord):
+        attributes = {"http.method": rec.method, "http.route": rec.route, "http.url": rec.url,
+                      "http.status_code": rec.status}
+        kind, status = SpanKind.SERVER, 0
+    else:
+        attributes = {"component": rec.type, "http.url": rec.data, "http.method": rec.method}
+        if rec.status:
+            attributes["http.status_code"] = rec.status
+        else:
+            attributes["error.name"] = rec.result_code
+        kind, status = SpanKind.CLIENT, 0 if rec.success else 2
+    sd = SpanData(name=rec.name, context=SpanContext(trace_id=rec.operation_id or "0" * 32), span_id=rec.span_id,
+                  parent_span_id=rec.parent_id or None, attributes=attributes, start_time=iso(rec.timestamp),
+                  end_time=iso(rec.timestamp + rec.duration_ms / 1000.0), child_span_count=0, stack_trace=None,
+                  annotations=None, message_events=None, links=None, status=Status(status),
+                  same_process_as_parent_span=None, span_kind=kind)
+    [envelope] = list(AzureExporter.span_data_to_envelope(SDK_SELF, sd))
+    base = envelope.data.baseData
+    if envelope.data.baseType == "RequestData":
+        base.success = int(base.responseCode) < 500
+        if rec.user_id:
+            envelope.tags["ai.user.authUserId"] = rec.user_id
+    if rate < 1:
+        envelope.sampleRate = rate * 100.0
+    return envelope
+
+
+TS = 1764504000.1234565  # rounds half-even at the microsecond
+
+
+@pytest.mark.parametrize("rec", [
+    EventRecord(name="ReportExported", properties={"format": "pdf", "event_id": "e1"}, user_id="alice",
+                timestamp=TS, operation_id="a" * 32, anonymous_id="anon-1", session_id="s-1"),
+    EventRecord(name="100% done", properties={}, timestamp=1.5),
+], ids=["tagged", "bare"])
+def test_event_envelopes_are_the_sdks(rec):
+    ours = azure_monitor.event_envelope(IKEY, rec)
+    assert isinstance(ours, Envelope) and isinstance(ours.data, Data) and isinstance(ours.data.baseData, Event)
+    assert _json(ours) == _json(_sdk_event(rec))
+
+
+@pytest.mark.parametrize("rec, rate", [
+    (RequestRecord("GET", "/items/<int:item_id>", "http://localhost/items/7", 200, 12.3456, TS, "b" * 32,
+                   "c" * 16, user_id="bob", parent_id="d" * 16), 0.25),
+    (RequestRecord("POST", "/event", "http://localhost/event", 503, 1500.0004, 1764504000.9999996, "", "e" * 16), 1.0),
+    (RequestRecord("GET", "<unmatched>", "http://localhost/x", 404, 0.0, TS, "f" * 32, "1" * 16), 0.05),
+    (DependencyRecord("HTTP", "127.0.0.1:9", "GET /ok", "http://127.0.0.1:9/ok", "200", True, 3.21, TS,
+                      "b" * 32, "c" * 16, "GET", 200), 1.0),
+    (DependencyRecord("HTTP", "127.0.0.1:9", "GET /boom", "http://127.0.0.1:9/boom", "500", False, 86400123.4, TS,
+                      "b" * 32, "c" * 16, "GET", 500), 0.5),
+    (DependencyRecord("HTTP", "host:1", "GET /", "http://host:1", "ConnectionError", False, 2.0, TS, "b" * 32,
+                      "", "GET", 0), 1.0),
+    (DependencyRecord("HTTP", "host:1", "PUT /a", "http://host:1/a", "Timeout", True, 2.0, TS, "", "", "PUT", 0), 1.0),
+], ids=["request-sampled", "request-5xx", "request-404", "dependency", "dependency-5xx", "dependency-refused",
+        "dependency-no-status"])
+def test_span_envelopes_are_the_sdks(rec, rate):
+    builder = azure_monitor.request_envelope if isinstance(rec, RequestRecord) else azure_monitor.dependency_envelope
+    ours = builder(IKEY, rec, rate)
+    assert isinstance(ours, Envelope) and isinstance(ours.data, Data)
+    theirs = _json(_sdk_span(rec, rate))
+    if not rec.operation_id:  # a span outside any operation starts a new trace: a random id, in both
+        assert re.fullmatch("[0-9a-f]{32}", ours.tags["ai.operation.id"]) and ours.tags["ai.operation.id"] != "0" * 32
+        theirs["tags"]["ai.operation.id"] = ours.tags["ai.operation.id"]
+    assert _json(ours) == theirs
