@@ -52,10 +52,12 @@ DESCRIPTIONS = {
     "opencensus": "opencensus-ext-flask + opencensus-ext-azure 1.1.15 AzureEventHandler, Flask 2.3 "
                   "(bench/opencensus_app.py); every request traced (ProbabilitySampler 1.0)",
 }
-# Anything that is not 127.0.0.1 goes to a dead proxy; statsbeat, live metrics and IMDS are off.
+# Anything that is not 127.0.0.1 goes to a dead proxy; statsbeat, the distro's control plane (OneSettings,
+# settings.sdk.monitor.azure.com), live metrics and its Azure VM resource detector (IMDS) are off.
 OFFLINE_ENV = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost",
                "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": "127.0.0.1,localhost",
-               "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true", "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "otel"}
+               "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true", "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
+               "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "otel"}
 
 
 def sh(*args):
