@@ -102,7 +102,9 @@ class ReliableExporterMixin:
         self._send_lock = threading.Lock()
         self.last_failure = ""  # why ingestion last refused or could not be reached (no data, no endpoint)
         self._held = set()  # paths of batches this process leased until its next retry
+        self._http = threading.local()  # one keep-alive session per sending thread
         super().__init__(**options)
+        opencensus_adapter.use_outbox(self)
 
     # -- queueing ----------------------------------------------------------
     def enqueue(self, item):
@@ -146,37 +148,45 @@ class ReliableExporterMixin:
                 event.set()
 
     def _deliver(self, envelopes):
-        """Write-ahead store, then send unless the endpoint is backing off."""
+        """Write-ahead store, then send unless the endpoint is backing off.
+
+        Each envelope is serialised once: the same JSON lines are the stored batch and the POST body.
+        """
         if not envelopes:
             return
+        lines = serialise(envelopes)
         if self.backing_off():
-            self._store(envelopes)
+            self._store_lines(lines)
             return
-        blob = self.storage.put(list(envelopes), lease_period=self.options.timeout + 5)
-        result = self._transmit(envelopes)
+        blob = self.storage.put_lines(lines, lease_period=self.options.timeout + 5)
+        result = self._transmit(lines)
         if result is SUCCESS:
-            self._stats.add("sent", len(envelopes))
+            self._stats.add("sent", len(lines))
         if result is RETRY:
             if blob is None:  # the write-ahead copy failed (storage full): try once more, counted
-                self._store(envelopes)
+                self._store_lines(lines)
             else:
                 self._hold(blob)
-                self._stats.add("stored", len(envelopes))
+                self._stats.add("stored", len(lines))
         elif blob is not None:
             blob.delete()
 
     def _store(self, envelopes):
         """Put envelopes in storage; a full storage is logged once and counted."""
-        if not envelopes:
+        return self._store_lines(serialise(envelopes)) if envelopes else None
+
+    def _store_lines(self, lines):
+        """Put serialised envelopes in storage as one batch; a full storage is logged once and counted."""
+        if not lines:
             return None
-        blob = self.storage.put(list(envelopes))
+        blob = self.storage.put_lines(lines)
         if blob is None:
-            self._stats.add("dropped_storage_full", len(envelopes))
+            self._stats.add("dropped_storage_full", len(lines))
             if self._stats.mark_full(os.path.basename(self.storage.path), True):
                 log.error("telemetry storage %s is full (TELEMETRY_STORAGE_MAX_MB); "
                           "dropping new telemetry until it drains", self.storage.path)
         else:
-            self._stats.add("stored", len(envelopes))
+            self._stats.add("stored", len(lines))
             self._stats.mark_full(os.path.basename(self.storage.path), False)
         return blob
 
@@ -249,25 +259,37 @@ class ReliableExporterMixin:
         the retry interval); SUCCESS and DROP delete it; (None, 0) when another sender took it."""
         if not blob.lease(self.options.timeout + 5):
             return None, 0
-        envelopes = blob.get()
-        if not envelopes:
+        lines = opencensus_adapter.read_lines(blob)
+        if not lines:
             blob.delete()
             return None, 0
-        result = self._transmit(list(envelopes))
+        result = self._transmit(lines)
         if result is RETRY:
             self._hold(blob)
-            return RETRY, len(envelopes)
+            return RETRY, len(lines)
         blob.delete()
         if result is SUCCESS:
-            self._stats.add("resent", len(envelopes))
-        return result, len(envelopes)
+            self._stats.add("resent", len(lines))
+        return result, len(lines)
 
-    def _transmit(self, envelopes):
-        """POST one batch; SUCCESS, RETRY (back off, keep it) or DROP. Never raises."""
+    def _session(self):
+        """This thread's keep-alive session; proxy and CA settings come from the environment once, at its start."""
+        session = getattr(self._http, "session", None)
+        if session is None:
+            session = requests.Session()
+            env = session.merge_environment_settings(self.options.endpoint, {}, None, None, None)
+            session.trust_env = False  # not re-read (every variable of os.environ scanned) on each POST
+            session.proxies.update(env["proxies"] or {})
+            session.verify, session.cert = env["verify"], env["cert"]
+            self._http.session = session
+        return session
+
+    def _transmit(self, lines):
+        """POST one batch of serialised envelopes; SUCCESS, RETRY (back off, keep it) or DROP. Never raises."""
         try:
-            response = requests.post(
+            response = self._session().post(
                 url=self.options.endpoint + "/v2.1/track",
-                data=json.dumps(envelopes, default=str),
+                data=("[" + ",".join(lines) + "]").encode("utf-8"),
                 headers={"Accept": "application/json", "Content-Type": "application/json; charset=utf-8"},
                 timeout=self.options.timeout,
                 allow_redirects=False,
@@ -284,12 +306,12 @@ class ReliableExporterMixin:
             return SUCCESS
         if status == 206:
             self._stats.note_accepted()
-            return self._partial(envelopes, response)
+            return self._partial(lines, response)
         if status in RETRYABLE_STATUS:
             return self._retry_later(f"HTTP {status}", _retry_after(response))
-        self._stats.add("rejected", len(envelopes))
-        self._stats.note_error(self._folder(), f"HTTP {status}: {len(envelopes)} items refused and dropped")
-        log.error("ingestion refused a batch of %d items with HTTP %d; dropped", len(envelopes), status)
+        self._stats.add("rejected", len(lines))
+        self._stats.note_error(self._folder(), f"HTTP {status}: {len(lines)} items refused and dropped")
+        log.error("ingestion refused a batch of %d items with HTTP %d; dropped", len(lines), status)
         return DROP
 
     def _retry_later(self, reason, retry_after):
@@ -307,26 +329,35 @@ class ReliableExporterMixin:
         """The name of this exporter's storage folder (events, traces, requests or metrics)."""
         return os.path.basename(self.storage.path)
 
-    def _partial(self, envelopes, response):
+    def _partial(self, lines, response):
         """206: store the retryable items, drop the rest with one line (count and error, no data)."""
         try:
             errors = response.json()["errors"]
-            retry = [envelopes[e["index"]] for e in errors if e["statusCode"] in RETRYABLE_STATUS]
+            retry = [lines[e["index"]] for e in errors if e["statusCode"] in RETRYABLE_STATUS]
             rejected = [e for e in errors if e["statusCode"] not in RETRYABLE_STATUS]
         except (ValueError, KeyError, IndexError, TypeError):
             return self._retry_later("unreadable 206 response", None)
         self._retry_at = 0.0
-        self._stats.add("sent", len(envelopes) - len(errors))
+        self._stats.add("sent", len(lines) - len(errors))
         if rejected:
             self._stats.add("rejected", len(rejected))
             first = rejected[0]
-            self._stats.note_error(self._folder(), f"HTTP 206: {len(rejected)} of {len(envelopes)} items "
+            self._stats.note_error(self._folder(), f"HTTP 206: {len(rejected)} of {len(lines)} items "
                                    f"refused ({first.get('statusCode')}) and dropped")
             log.error("ingestion rejected %d of %d items (first: %s %s); dropped", len(rejected),
-                      len(envelopes), first.get("statusCode"), str(first.get("message", ""))[:200])
+                      len(lines), first.get("statusCode"), str(first.get("message", ""))[:200])
         if retry:
-            self._store(retry)
+            self._store_lines(retry)
         return DROP  # the batch itself is settled: what must be retried is stored on its own
+
+
+_ENCODER = json.JSONEncoder(default=str)  # anything the JSON types cannot hold is sent as its str()
+
+
+def serialise(envelopes):
+    """Each envelope as one line of JSON: a stored batch's lines, and (joined) the POST body."""
+    encode = _ENCODER.encode
+    return [encode(envelope) for envelope in envelopes]
 
 
 def _describe(exc):

@@ -6,7 +6,7 @@ Rounds are interleaved (round 1 runs every scenario once, then round 2 ...), eac
 server (and fresh fake ingestion); the tables show medians and the min-max spread. Then
 bench/store_throughput.py and bench/dashboard_scale.py (twice: plain and --cardinality).
 Writes bench/RESULTS.md and bench/results.json (not committed). Everything stays on 127.0.0.1:
-the Azure-bound scenarios export to bench/fake_ingestion.py, and a dead proxy (127.0.0.1:9) is set
+the Azure-bound scenarios export to bench/counting_ingestion.py, and a dead proxy (127.0.0.1:9) is set
 for anything else. `--quick`: a short smoke run of the harness, not reference figures.
 """
 import argparse
@@ -27,7 +27,7 @@ import urllib.request
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
-from fake_ingestion import FakeIngestion  # noqa: E402
+from counting_ingestion import FakeIngestion  # noqa: E402
 
 VENV_PY = sys.executable  # the service's .venv (make bench)
 BODY = json.dumps({"event_name": "ReportExported", "details": {"format": "pdf", "pages": 3}}).encode()

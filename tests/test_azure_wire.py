@@ -3,8 +3,10 @@ import json
 import logging
 import os
 import re
+import threading
 import types
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -308,3 +310,41 @@ def test_span_envelopes_are_the_sdks(rec, rate):
         assert re.fullmatch("[0-9a-f]{32}", ours.tags["ai.operation.id"]) and ours.tags["ai.operation.id"] != "0" * 32
         theirs["tags"]["ai.operation.id"] = ours.tags["ai.operation.id"]
     assert _json(ours) == theirs
+
+
+def test_the_exporters_honour_the_proxy_environment(tmp_path, monkeypatch):
+    """Sessions are kept alive and read the environment once; HTTP(S)_PROXY still routes every POST."""
+    seen = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_POST(self):
+            items = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, len(items)))
+            body = json.dumps({"itemsReceived": len(items), "itemsAccepted": len(items), "errors": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    for var in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+    application = create_app({"TESTING": True, "TELEMETRY_STORAGE": str(tmp_path / "outbox"), "EXPORT_INTERVAL": "0.05",
+                              "METRICS_EXPORT_INTERVAL": "3600", "APPLICATIONINSIGHTS_CONNECTION_STRING":
+                              f"InstrumentationKey={IKEY};IngestionEndpoint=http://ingestion.invalid/"})
+    try:
+        for _ in range(3):
+            assert application.test_client().post("/event", json={"event_name": "ViaProxy"}).status_code == 202
+        assert monitor_of(application).flush(10)
+        assert {path for path, _ in seen} == {"http://ingestion.invalid/v2.1/track"}
+        assert sum(n for _, n in seen) >= 6, "3 events and 3 requests, all through the proxy"
+        assert monitor_of(application).health()["delivery"]["stored"] == 0
+    finally:
+        monitor_of(application).close()
+        proxy.shutdown()
+        proxy.server_close()

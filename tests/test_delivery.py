@@ -247,6 +247,28 @@ def test_outage_loses_nothing_and_recovers_without_new_traffic(mode, fake, make_
         MEASURED["throttle attempts (429)"] = len([e for e in fake.log if e["status"] == 429])
 
 
+def test_stored_batches_are_in_the_sdks_format(fake, make_app, tmp_path):
+    """Batches are written from JSON serialised once (the same lines are the POST body); the SDK's own
+    storage reads them, so a process running the plain SDK (or an older version of ours) can send them."""
+    from opencensus.ext.azure.common.storage import LocalFileStorage
+
+    application = make_app(azure_config(fake, tmp_path / "outbox"))
+    fake.stop()
+    ids = post_events(application.test_client(), 150)
+    assert monitor_of(application).flush(30)
+    monitor_of(application).close(5)
+    sdk_storage = LocalFileStorage(str(tmp_path / "outbox" / "events"))
+    try:
+        def read():
+            found = set()
+            for blob in sdk_storage.gets():  # batches under lease are skipped until it ends
+                found |= {e["data"]["baseData"]["properties"]["event_id"] for e in blob.get() or ()}
+            return found == set(ids)
+        assert wait_until(read, 10), "the SDK's storage could not read back every stored event"
+    finally:
+        sdk_storage.close()
+
+
 # -- subprocess helpers -------------------------------------------------------------------------
 
 class Worker:
