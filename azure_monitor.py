@@ -127,16 +127,12 @@ def _span_envelope(ikey, tags, start, name, data, base_type, rate):
     return envelope
 
 
-class _ReliableHandlerMixin(opencensus_adapter.RealLockMixin, ReliableExporterMixin):
+class _ReliableHandlerMixin(opencensus_adapter.LogHandlerHooks, ReliableExporterMixin):
     """Log handler side of reliable delivery: queue without dropping, export with write-ahead."""
 
     def emit(self, record):
         """Queue the record; never blocks, never drops."""
         self.enqueue(record)
-
-    def _export(self, batch, event=None):
-        """Deliver one batch taken from the queue by the SDK's worker."""
-        self._deliver_batch(batch, event)
 
 
 class EventHandler(_ReliableHandlerMixin, AzureEventHandler):
@@ -159,12 +155,8 @@ class LogHandler(_ReliableHandlerMixin, AzureLogHandler):
 _SPAN_ENVELOPES = {telemetry.RequestRecord: request_envelope, telemetry.DependencyRecord: dependency_envelope}
 
 
-class TraceExporter(ReliableExporterMixin, AzureExporter):
+class TraceExporter(opencensus_adapter.TraceExporterHooks, ReliableExporterMixin, AzureExporter):
     """The requests' and dependencies' exporter: its queue holds (record, sampling rate) pairs."""
-
-    def emit(self, batch, event=None):
-        """Deliver one batch taken from the queue by the SDK's worker."""
-        self._deliver_batch(batch, event)
 
     def _to_envelopes(self, items):
         """(RequestRecord or DependencyRecord, rate) pairs to RequestData and RemoteDependencyData envelopes."""
@@ -185,6 +177,18 @@ class MetricExporter(ReliableExporterMixin, MetricsExporter):
     def _to_envelopes(self, items):
         """Metrics have no queue; nothing overflows."""
         return list(items)
+
+    def send_or_store(self, metrics, remaining):
+        """The last interval's metrics at shutdown: sent when ingestion answers within `remaining()` s, stored otherwise."""
+        envelopes = self.apply_telemetry_processors([e for m in metrics for e in self.metric_to_envelopes(m)])
+        if not envelopes:
+            return
+        if self.backing_off() or remaining() <= 0:
+            self._store(envelopes)
+            return
+        self.options.timeout = max(0.1, min(self.options.timeout, remaining()))  # the process is stopping
+        for start in range(0, len(envelopes), self.max_batch_size):
+            self._deliver(envelopes[start:start + self.max_batch_size])  # write-ahead: stored unless sent
 
 
 def _exporter_options(settings, stats, kind):
@@ -362,25 +366,11 @@ class AzureSink:
         for exporter in self._queued_exporters():
             if exporter.backing_off() or not opencensus_adapter.wait_until_exported(exporter, remaining()):
                 exporter.spill_queue()
-        self._close_metrics(remaining)
+        opencensus_adapter.cancel_metrics_thread(self._metrics)
+        self._metrics.send_or_store(self._producer.get_metrics(), remaining)
         opencensus_adapter.stop_trace_exporter(self._traces, remaining() or 0.01)
         opencensus_adapter.close_storage(self._metrics)
         shutdown_logging(self._event_handler, remaining() or 0.01)
-
-    def _close_metrics(self, remaining):
-        """The last interval's metrics: sent when ingestion answers within the grace, stored otherwise."""
-        metrics = self._metrics
-        opencensus_adapter.cancel_metrics_thread(metrics)
-        envelopes = metrics.apply_telemetry_processors(
-            [e for m in self._producer.get_metrics() for e in metrics.metric_to_envelopes(m)])
-        if not envelopes:
-            return
-        if metrics.backing_off() or remaining() <= 0:
-            metrics._store(envelopes)
-            return
-        metrics.options.timeout = max(0.1, min(metrics.options.timeout, remaining()))  # the process is stopping
-        for start in range(0, len(envelopes), metrics.max_batch_size):
-            metrics._deliver(envelopes[start:start + metrics.max_batch_size])  # write-ahead: stored unless sent
 
     def problems(self, grace_s):
         """What makes this sink unhealthy: full storage folders, an outage longer than `grace_s`, a full queue."""
@@ -434,7 +424,7 @@ class AzureSink:
                 result["batches"] += batches
                 result["items"] += items
                 if error:
-                    result.update(error=error, folder=exporter._folder())
+                    result.update(error=error, folder=exporter.folder())
                     return result
             leased = {name: f["leased"] for name, f in self.outbox().items() if f["leased"]}
             if not leased:

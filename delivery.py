@@ -139,8 +139,8 @@ class ReliableExporterMixin:
         """Convert queued items (log records or spans) to envelopes with processors applied."""
         raise NotImplementedError
 
-    def _deliver_batch(self, batch, event=None):
-        """The SDK worker's export hook: deliver one batch, then release a flush marker."""
+    def deliver_batch(self, batch, event=None):
+        """Deliver one batch taken from the queue by the SDK's worker, then release its flush marker."""
         try:
             self._deliver(self._to_envelopes(batch))
         finally:
@@ -159,7 +159,7 @@ class ReliableExporterMixin:
             self._store_lines(lines)
             return
         blob = self.storage.put_lines(lines, lease_period=self.options.timeout + 5)
-        result = self._transmit(lines)
+        result = self._post(lines)
         if result is SUCCESS:
             self._stats.add("sent", len(lines))
         if result is RETRY:
@@ -263,7 +263,7 @@ class ReliableExporterMixin:
         if not lines:
             blob.delete()
             return None, 0
-        result = self._transmit(lines)
+        result = self._post(lines)
         if result is RETRY:
             self._hold(blob)
             return RETRY, len(lines)
@@ -284,7 +284,7 @@ class ReliableExporterMixin:
             self._http.session = session
         return session
 
-    def _transmit(self, lines):
+    def _post(self, lines):
         """POST one batch of serialised envelopes; SUCCESS, RETRY (back off, keep it) or DROP. Never raises."""
         try:
             response = self._session().post(
@@ -310,7 +310,7 @@ class ReliableExporterMixin:
         if status in RETRYABLE_STATUS:
             return self._retry_later(f"HTTP {status}", _retry_after(response))
         self._stats.add("rejected", len(lines))
-        self._stats.note_error(self._folder(), f"HTTP {status}: {len(lines)} items refused and dropped")
+        self._stats.note_error(self.folder(), f"HTTP {status}: {len(lines)} items refused and dropped")
         log.error("ingestion refused a batch of %d items with HTTP %d; dropped", len(lines), status)
         return DROP
 
@@ -321,11 +321,11 @@ class ReliableExporterMixin:
         self.last_failure = reason + (f", Retry-After {retry_after:g} s" if retry_after is not None else "")
         self._stats.add("retries")
         self._stats.note_unavailable()
-        self._stats.note_error(self._folder(), self.last_failure)
+        self._stats.note_error(self.folder(), self.last_failure)
         log.warning("ingestion unavailable (%s); stored, next try in %.1f s", reason, delay)
         return RETRY
 
-    def _folder(self):
+    def folder(self):
         """The name of this exporter's storage folder (events, traces, requests or metrics)."""
         return os.path.basename(self.storage.path)
 
@@ -342,7 +342,7 @@ class ReliableExporterMixin:
         if rejected:
             self._stats.add("rejected", len(rejected))
             first = rejected[0]
-            self._stats.note_error(self._folder(), f"HTTP 206: {len(rejected)} of {len(lines)} items "
+            self._stats.note_error(self.folder(), f"HTTP 206: {len(rejected)} of {len(lines)} items "
                                    f"refused ({first.get('statusCode')}) and dropped")
             log.error("ingestion rejected %d of %d items (first: %s %s); dropped", len(rejected),
                       len(lines), first.get("statusCode"), str(first.get("message", ""))[:200])

@@ -59,6 +59,22 @@ class RealLockMixin:
         logging.Handler.createLock(self)
 
 
+class LogHandlerHooks(RealLockMixin):
+    """The SDK log handler's worker calls its private `_export(batch, event)`: hand the batch to deliver_batch."""
+
+    def _export(self, batch, event=None):
+        """Deliver one batch taken from the queue by the SDK's worker."""
+        self.deliver_batch(batch, event)
+
+
+class TraceExporterHooks:
+    """The SDK trace exporter's worker calls `emit(batch, event)`: hand the batch to deliver_batch."""
+
+    def emit(self, batch, event=None):
+        """Deliver one batch taken from the queue by the SDK's worker."""
+        self.deliver_batch(batch, event)
+
+
 def put_nowait(exporter, item):
     """Queue one item on the exporter's worker queue; raises queue.Full when it is full."""
     exporter._queue._queue.put_nowait(item)
