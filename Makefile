@@ -51,7 +51,7 @@ clean:
 
 # `make bench`: bench/run.py -- POST /event side by side (bare Flask, this service local / Azure / Azure with
 # a hanging ingestion, the Azure Monitor OpenTelemetry Distro, OpenCensus) under gunicorn + wrk on 127.0.0.1,
-# 3 interleaved rounds, then the local store's throughput and the dashboard at scale; about 15 minutes.
+# 3 interleaved rounds, then the local store's throughput and the dashboard at scale; about 12 minutes.
 # wrk comes from Debian's packages (installed when missing); the distro and OpenCensus scenarios build
 # their own virtualenvs (bench/.venv-*). Writes bench/RESULTS.md and bench/results.json (not committed).
 # `make bench BENCH_ARGS=--quick` is a one-minute smoke run of the harness (not reference figures).
