@@ -1,9 +1,10 @@
 """Sampling of request and dependency telemetry in Azure mode: adaptive (the default) or fixed.
 
-Adaptive sampling works as Application Insights' own SDKs do by default: every
-TRACE_SAMPLING_INTERVAL seconds the sampler compares the items it was offered per second (a
-moving average) with TRACE_SAMPLING_TARGET and keeps 1 in N operations, N a whole number, so each
-kept item stands for exactly N (its envelope's sampleRate is 100/N and ingestion sets ItemCount
+Adaptive sampling works as Application Insights' own SDKs do by default: the sampler compares the
+items it is offered per second (a moving average over about TRACE_SAMPLING_INTERVAL seconds,
+re-evaluated every second) with TRACE_SAMPLING_TARGET and keeps 1 in N operations, N a whole
+number. A rise in traffic lowers the rate within a second (a burst, or a new process under load,
+is sampled at once); a fall raises it gradually. Each kept item stands for exactly N (its envelope's sampleRate is 100/N and ingestion sets ItemCount
 to N; the dashboard's sum(ItemCount) estimates the true counts). The decision is made once per
 operation (trace id) and remembered, so a request and its dependencies are kept or dropped
 together, with one rate. Events, logins and CRUD are never sampled, and the response-time
@@ -14,7 +15,7 @@ import threading
 import time
 
 MODES = ("adaptive", "fixed")
-_SMOOTHING = 0.25      # weight of the newest interval in the moving average of items per second
+_STEP_S = 1.0          # the rate is re-evaluated this often (or every interval, when that is shorter)
 _MAX_KEEP_ONE_IN = 1000
 _REMEMBERED = 10000    # operations whose decision is remembered (a request outlives its dependencies)
 
@@ -50,14 +51,18 @@ class Sampler:
             return kept or None
 
     def _adapt(self):
-        """At the end of each interval, move the rate towards the target (caller holds the lock)."""
+        """Every step, move the rate towards the target (caller holds the lock)."""
         now = self._clock()
         elapsed = now - self._window_start
-        if elapsed < self._interval:
+        step = min(_STEP_S, self._interval)
+        if elapsed < step:
             return
         observed = self._offered / elapsed
-        self._average = observed if self._average is None else (
-            (1 - _SMOOTHING) * self._average + _SMOOTHING * observed)
+        if self._average is None or observed >= self._average:
+            self._average = observed  # more traffic: sample it now
+        else:  # less: an exponential moving average over about one interval
+            weight = min(1.0, elapsed / self._interval)
+            self._average = (1 - weight) * self._average + weight * observed
         keep_one_in = 1
         if self._average > self._target:
             keep_one_in = min(_MAX_KEEP_ONE_IN, -(-self._average // self._target))  # ceil

@@ -47,7 +47,7 @@ def test_adaptive_keeps_everything_below_the_target():
 def test_adaptive_converges_to_one_in_n_with_whole_item_counts():
     clock = Clock()
     sampler = Sampler("adaptive", target_per_s=5, interval_s=15, clock=clock)
-    _offer(sampler, clock, 100, 16)  # the first interval ends 15 s in
+    _offer(sampler, clock, 100, 2)  # the rate follows a rise within a second
     keep_one_in = 1 / sampler.rate  # 100/s against a target of 5/s: 1 in 20 (21 when the window ran a hair long)
     assert round(keep_one_in) in (20, 21) and abs(keep_one_in - round(keep_one_in)) < 1e-9
     kept = [k for k in _offer(sampler, clock, 100, 13) if k is not None]
@@ -56,6 +56,19 @@ def test_adaptive_converges_to_one_in_n_with_whole_item_counts():
     _offer(sampler, clock, 100, 1)  # ends the interval
     for _ in range(20):  # traffic falls to 2/s: the moving average brings the rate back to 1
         _offer(sampler, clock, 2, 15)
+    assert sampler.rate == 1.0
+
+
+def test_adaptive_follows_a_burst_within_a_second_and_a_fall_gradually():
+    clock = Clock()
+    sampler = Sampler("adaptive", target_per_s=5, interval_s=15, clock=clock)
+    _offer(sampler, clock, 4, 30)
+    assert sampler.rate == 1.0
+    _offer(sampler, clock, 400, 2)  # a burst (or a worker that starts under load)
+    assert round(1 / sampler.rate) in (80, 81), "sampled within a second, not after a whole interval"
+    _offer(sampler, clock, 4, 3)  # traffic falls back: the rate rises, but not at once
+    assert 1 / 81 <= sampler.rate < 0.5
+    _offer(sampler, clock, 4, 90)
     assert sampler.rate == 1.0
 
 
