@@ -74,7 +74,9 @@ def event_envelope(ikey, rec):
         tags["ai.user.id"] = rec.anonymous_id
     if rec.session_id:
         tags["ai.session.id"] = rec.session_id
-    event = _build(Event, {"name": rec.name, "properties": dict(rec.properties), "measurements": {}, "ver": 2})
+    properties = dict(rec.properties)
+    properties["event_id"] = rec.event_id  # what a retried send is deduplicated by in Log Analytics
+    event = _build(Event, {"name": rec.name, "properties": properties, "measurements": {}, "ver": 2})
     return _build(Envelope, {"iKey": ikey, "tags": tags, "time": _iso(rec.timestamp),  # the client's time
                              "name": "Microsoft.ApplicationInsights.Event",
                              "data": _build(Data, {"baseData": event, "baseType": "EventData"})})

@@ -201,7 +201,6 @@ def record_event(name, properties, user_id="", strict=True, client=None):
             rec.event_id, rec.client_event_id = client.event_id.lower(), True
         rec.timestamp = client.epoch() or rec.timestamp
         rec.anonymous_id, rec.session_id = client.anonymous_id or "", client.session_id or ""
-    rec.properties["event_id"] = rec.event_id
     try:
         return monitor.track_event(rec)
     except telemetry.TelemetryUnavailable:

@@ -233,7 +233,8 @@ def _json(envelope):
 def _sdk_event(rec):
     """What the event logger's record became through AzureEventHandler, plus our tags and the event's time."""
     record = logging.LogRecord("telemetry.events.1", logging.INFO, __file__, 1, rec.name, None, None)
-    record.custom_dimensions, record.traceId = rec.properties, rec.operation_id or "0" * 32
+    # the event_id property, as the event logger's records carried it
+    record.custom_dimensions, record.traceId = {**rec.properties, "event_id": rec.event_id}, rec.operation_id or "0" * 32
     envelope = AzureEventHandler.log_record_to_envelope(SDK_SELF, record)
     for value, tag in ((rec.user_id, "ai.user.authUserId"), (rec.anonymous_id, "ai.user.id"),
                        (rec.session_id, "ai.session.id")):
@@ -277,7 +278,7 @@ TS = 1764504000.1234565  # rounds half-even at the microsecond
 
 
 @pytest.mark.parametrize("rec", [
-    EventRecord(name="ReportExported", properties={"format": "pdf", "event_id": "e1"}, user_id="alice",
+    EventRecord(name="ReportExported", properties={"format": "pdf"}, event_id="e1", user_id="alice",
                 timestamp=TS, operation_id="a" * 32, anonymous_id="anon-1", session_id="s-1"),
     EventRecord(name="100% done", properties={}, timestamp=1.5),
 ], ids=["tagged", "bare"])
