@@ -6,9 +6,13 @@ request and never answers (until stop()).
 """
 import gzip
 import json
+import re
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+BASE_TYPE = re.compile(rb'"baseType"\s*:\s*"(\w+)"')
 
 
 class FakeIngestion:
@@ -34,12 +38,11 @@ class FakeIngestion:
                     return self._reply(404, {"error": "unknown path"})
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                text = body.decode()
-                # the SDKs send a JSON array, or newline-delimited JSON envelopes
-                items = json.loads(text) if text.lstrip().startswith("[") else \
-                    [json.loads(line) for line in text.splitlines() if line.strip()]
+                # A JSON array or newline-delimited envelopes: counted by their baseType without parsing
+                # them (ingestion is remote in production; parsing here would load the bench's cores).
+                items = BASE_TYPE.findall(body)
                 with fake._lock:
-                    fake.items.update(i.get("data", {}).get("baseType", "?") for i in items)
+                    fake.items.update(t.decode() for t in items)
                 self._reply(200, {"itemsReceived": len(items), "itemsAccepted": len(items), "errors": []})
 
             def _reply(self, status, payload):
