@@ -18,6 +18,7 @@ MODES = ("adaptive", "fixed")
 _STEP_S = 1.0          # the rate is re-evaluated this often (or every interval, when that is shorter)
 _MAX_KEEP_ONE_IN = 1000
 _REMEMBERED = 10000    # operations whose decision is remembered (a request outlives its dependencies)
+_EVICT_EVERY = 1000
 
 
 class Sampler:
@@ -29,6 +30,7 @@ class Sampler:
         self.mode = mode
         self.rate = rate if mode == "fixed" else 1.0
         self._target, self._interval, self._clock = target_per_s, interval_s, clock
+        self._step = min(_STEP_S, interval_s)
         self._lock = threading.Lock()
         self._offered = 0
         self._window_start = clock()
@@ -36,27 +38,33 @@ class Sampler:
         self._decisions = collections.OrderedDict()
 
     def decide(self, operation_id):
-        """The fraction this operation is kept at, or None when it is dropped (the same for all its items)."""
-        with self._lock:
-            self._offered += 1
-            if self.mode == "adaptive":
+        """The fraction this operation is kept at, or None when it is dropped (the same for all its items).
+
+        No lock on the common path (request threads call it for every request): the GIL makes each
+        dict operation atomic, `setdefault` keeps the first decision when two threads race on one
+        operation, and the count may miss an increment under a race (a rate estimate).
+        """
+        self._offered += 1
+        if self.mode == "adaptive" and self._clock() - self._window_start >= self._step:
+            with self._lock:
                 self._adapt()
-            known = self._decisions.get(operation_id)
-            if known is not None:
-                return known or None
-            kept = self.rate if _score(operation_id) < self.rate else 0.0
-            self._decisions[operation_id] = kept
-            if len(self._decisions) > _REMEMBERED:
-                self._decisions.popitem(last=False)
-            return kept or None
+        decisions = self._decisions
+        known = decisions.get(operation_id)
+        if known is None:
+            rate = self.rate
+            known = decisions.setdefault(operation_id, rate if _score(operation_id) < rate else 0.0)
+            if len(decisions) > _REMEMBERED + _EVICT_EVERY:  # forget the oldest, a chunk at a time
+                with self._lock:
+                    while len(decisions) > _REMEMBERED:
+                        decisions.popitem(last=False)
+        return known or None
 
     def _adapt(self):
         """Every step, move the rate towards the target (caller holds the lock)."""
         now = self._clock()
         elapsed = now - self._window_start
-        step = min(_STEP_S, self._interval)
-        if elapsed < step:
-            return
+        if elapsed < self._step:
+            return  # another thread adapted meanwhile
         observed = self._offered / elapsed
         if self._average is None or observed >= self._average:
             self._average = observed  # more traffic: sample it now
