@@ -47,7 +47,7 @@ test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf .venv .venv-* tests/kql/node_modules tests/js/node_modules .pytest_cache
+	rm -rf .venv .venv-* bench/.venv-* tests/kql/node_modules tests/js/node_modules .pytest_cache
 
 # `make bench`: bench/run.py -- POST /event side by side (bare Flask, this service local / Azure / Azure with
 # a hanging ingestion, the Azure Monitor OpenTelemetry Distro, OpenCensus) under gunicorn + wrk on 127.0.0.1,

@@ -296,9 +296,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="1-2 minute smoke run (not reference figures)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run")
-    # 20 s: longer than the service's adaptive-sampling interval (TRACE_SAMPLING_INTERVAL, 15 s), so that
-    # every app is measured in its steady state, not while it still sends every request
-    parser.add_argument("--warmup", type=int, default=20, help="seconds of wrk before each measured run")
+    # 5 s: every app is measured in its steady state (the service's adaptive sampling follows the load
+    # within a second; the Distro's sampler is rate-limited from the start; OpenCensus samples nothing)
+    parser.add_argument("--warmup", type=int, default=5, help="seconds of wrk before each measured run")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
     parser.add_argument("--no-scripts", action="store_true", help="skip store_throughput.py and dashboard_scale.py")
     args = parser.parse_args()
