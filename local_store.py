@@ -340,10 +340,20 @@ _INSERT.update({f"ignore {kind}": "INSERT OR IGNORE" + sql[len("INSERT"):].parti
 
 # Rows per INSERT statement: every statement releases and re-takes the GIL once (around
 # sqlite3_step); under a busy request thread each re-take can wait a whole switch interval
-# (5 ms), so one statement per row (executemany) starves the writer. 999 is SQLite's oldest
-# limit on bound parameters.
-_MAX_PARAMS = 999
+# (5 ms), so one statement per row (executemany) starves the writer, and fewer, larger
+# statements keep up better. The bound is the library's own limit on parameters (999 in SQLite
+# before 3.32, 32766 since; the connection says which), and at most _MAX_ROWS rows a statement.
+_OLDEST_MAX_PARAMS = 999
+_MAX_ROWS = 512
 _multi_sql = {}
+
+
+def _max_params(conn):
+    """The most parameters one statement may bind on `conn` (SQLite's limit, where Python can read it)."""
+    try:
+        return min(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), 32766)
+    except AttributeError:  # pragma: no cover - Python < 3.11
+        return _OLDEST_MAX_PARAMS
 
 
 def _insert_sql(kind, rows):
@@ -357,9 +367,9 @@ def _insert_sql(kind, rows):
     return sql
 
 
-def _insert_many(conn, kind, params):
-    """INSERT every row of `params` with as few statements as the parameter limit allows."""
-    per = max(1, _MAX_PARAMS // len(params[0]))
+def _insert_many(conn, kind, params, max_params=_OLDEST_MAX_PARAMS):
+    """INSERT every row of `params` with as few statements as `max_params` (see _max_params) allows."""
+    per = max(1, min(_MAX_ROWS, max_params // len(params[0])))
     for start in range(0, len(params), per):
         chunk = params[start:start + per]
         conn.execute(_insert_sql(kind, len(chunk)), [value for row in chunk for value in row])
@@ -1079,8 +1089,9 @@ class LocalStore:
             conn = w.conn or self._open(w)
             conn.execute("BEGIN IMMEDIATE")
             try:
+                max_params = _max_params(conn)
                 for kind, params in rows.items():
-                    _insert_many(conn, kind, params)
+                    _insert_many(conn, kind, params, max_params)
                 with w.commit_lock:
                     if w.abandoned:  # close() saved this batch: never write it as well
                         _rollback(conn)
