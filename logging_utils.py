@@ -75,26 +75,28 @@ class Event(BaseModel):
             raise ValueError("must be an object")
         size = 0  # a bound on the details as JSON: a character takes at most 6 bytes (\uXXXX)
         for key, item in value.items():
-            if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY or _HIDDEN_RE.search(key):
-                raise ValueError(f"keys must be 1 to {MAX_KEY} characters and {HIDDEN_MESSAGE}")
-            if key in RESERVED_PROPERTIES:
-                raise ValueError(f"key {key!r} is reserved")
-            if not key.isascii():
-                _require_utf8(key)
-            if item.__class__ is str:
+            if key not in _GOOD_KEYS:  # keys repeat from call to call: each is checked once
+                _check_key(key)
+            kind = item.__class__
+            if kind is str:
                 if len(item) > MAX_VALUE:
                     raise PydanticCustomError("value_too_long", "must be at most {limit} characters",
                                               {"key": key, "limit": MAX_VALUE})
                 if not item.isascii():
                     _require_utf8(item)
                 size += len(key) + len(item)
-            elif isinstance(item, (dict, list)):
+            elif kind is bool or item is None:
+                size += len(key) + 5
+            elif kind is dict or kind is list or isinstance(item, (dict, list)):
                 raise PydanticCustomError("nested_value", "must be a string, number, boolean or null, not nested",
                                           {"key": key})
-            else:
-                if isinstance(item, float) and not math.isfinite(item):
+            elif isinstance(item, float):
+                if not math.isfinite(item):
                     raise PydanticCustomError("not_finite", "must be a finite number", {"key": key})
-                size += len(key) + (len(repr(item)) if isinstance(item, (int, float)) else 5)
+                size += len(key) + 24  # the longest repr of a float
+            else:  # int (any length), a str subclass, or a type pydantic refuses next
+                size += len(key) + (len(repr(item)) if isinstance(item, int) else
+                                    len(item) if isinstance(item, str) else 5)
         if (6 * size + 8 * len(value) > MAX_PROPERTIES_BYTES
                 and len(json.dumps(value, ensure_ascii=False, default=str).encode()) > MAX_PROPERTIES_BYTES):
             raise ValueError(f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
@@ -164,6 +166,23 @@ class SingleEvent(PublicEvent):
 
     api_key: Annotated[Optional[StrictStr], Field(
         default=None, max_length=1024, description="The API key, when the X-Api-Key header cannot be set")]
+
+
+_GOOD_KEYS = set()  # detail keys that passed _check_key (bounded: cleared when it reaches _GOOD_KEYS_MAX)
+_GOOD_KEYS_MAX = 4096
+
+
+def _check_key(key):
+    """Raise ValueError for a detail key that is not 1 to MAX_KEY visible characters, or is reserved; remember a good one."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY or _HIDDEN_RE.search(key):
+        raise ValueError(f"keys must be 1 to {MAX_KEY} characters and {HIDDEN_MESSAGE}")
+    if key in RESERVED_PROPERTIES:
+        raise ValueError(f"key {key!r} is reserved")
+    if not key.isascii():
+        _require_utf8(key)
+    if len(_GOOD_KEYS) >= _GOOD_KEYS_MAX:
+        _GOOD_KEYS.clear()
+    _GOOD_KEYS.add(key)
 
 
 def _require_utf8(text):

@@ -106,9 +106,25 @@ def redact_strings(properties, redact_keys):
     pattern = _redaction_pattern(redact_keys)
     if pattern is None:
         return {key: value if value.__class__ is str else stringify(value) for key, value in properties.items()}
-    search = pattern.search
-    return {key: REDACTED if search(key.lower()) else value if value.__class__ is str else stringify(value)
-            for key, value in properties.items()}
+    hidden = _redaction_decisions(redact_keys)  # keys repeat from call to call: each is matched once
+    out = {}
+    for key, value in properties.items():
+        redacted = hidden.get(key)
+        if redacted is None:
+            if len(hidden) >= _DECISIONS_MAX:
+                hidden.clear()
+            redacted = hidden[key] = pattern.search(key.lower()) is not None
+        out[key] = REDACTED if redacted else value if value.__class__ is str else stringify(value)
+    return out
+
+
+_DECISIONS_MAX = 4096
+
+
+@functools.lru_cache(maxsize=16)
+def _redaction_decisions(redact_keys):
+    """The remembered {key: redacted?} of one list of redaction words."""
+    return {}
 
 
 @functools.lru_cache(maxsize=16)
