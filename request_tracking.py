@@ -34,12 +34,21 @@ def finish_request(response):
     rule = req.url_rule
     record = telemetry.RequestRecord(
         method=req.method, route=rule.rule if rule is not None else "<unmatched>",
-        url=f"{req.scheme}://{req.host}{req.root_path}{req.path}",  # no query string: it may carry secrets
+        url=_url(req.environ),
         status=response.status_code, duration_ms=(time.perf_counter() - state.started) * 1000.0,
         timestamp=state.timestamp, operation_id=state.operation_id, span_id=state.span_id,
         user_id=state.user_id, parent_id=state.parent_id)
     current_monitor().track_request(record)  # counts and logs its own failures, never raises
     return response
+
+
+def _url(environ):
+    """The request's URL without its query string (it may carry secrets), straight from the WSGI environ."""
+    host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    if not path.isascii():  # WSGI strings are bytes as latin-1: decode the UTF-8 the client sent
+        path = path.encode("latin-1", "replace").decode("utf-8", "replace")
+    return f"{environ.get('wsgi.url_scheme', 'http')}://{host}{path}"
 
 
 def _strip_query(url):

@@ -96,12 +96,18 @@ def test_requests_become_request_telemetry_named_by_route(azure_app, ingestion):
     def item(item_id):
         return {"id": item_id}, 200 if item_id else 500
 
+    @azure_app.get("/files/<name>")
+    def file(name):
+        return {"name": name}, 404
+
     client = azure_app.test_client()
     assert client.get("/items/7?token=secret").status_code == 200
     assert client.get("/items/0").status_code == 500
+    assert client.get("/files/r%C3%A9sum%C3%A9.pdf?sig=x#top", headers={"Host": "example.test:8080"}).status_code == 404
     _flush(azure_app)
-    reqs = ingestion.wait_for(lambda f: len(f.of_type("RequestData")) >= 2 and f.of_type("RequestData"))
+    reqs = ingestion.wait_for(lambda f: len(f.of_type("RequestData")) >= 3 and f.of_type("RequestData"))
     by_code = {r["data"]["baseData"]["responseCode"]: r for r in reqs}
+    assert by_code["404"]["data"]["baseData"]["url"] == "http://example.test:8080/files/résumé.pdf"
     ok, failed = by_code["200"]["data"]["baseData"], by_code["500"]["data"]["baseData"]
     assert ok["name"] == "GET /items/<int:item_id>"
     assert ok["success"] is True and failed["success"] is False
