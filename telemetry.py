@@ -215,12 +215,6 @@ def current_request_state():
     return getattr(g, REQUEST_STATE, None) if has_request_context() else None
 
 
-def current_operation_id():
-    """The operation (trace) id of the request being served, or '' outside a request."""
-    state = current_request_state()
-    return state.operation_id if state is not None else ""
-
-
 TRACE_LOGGER = "usage_monitor"
 _last_started = None  # weakref to the UsageMonitor that started last in this process
 
