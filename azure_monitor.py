@@ -64,6 +64,14 @@ def _tags(operation_id):
     return tags
 
 
+def _span_tags(rec):
+    """A span's tags: its operation (OpenCensus gives a span without one a new trace) and its parent, if any."""
+    tags = _tags(rec.operation_id or telemetry.new_trace_id())
+    if rec.parent_id:
+        tags["ai.operation.parentId"] = rec.parent_id
+    return tags
+
+
 def event_envelope(ikey, rec):
     """An EventRecord as the EventData envelope AzureEventHandler builds, with its user and session tags and its own time."""
     tags = _tags(rec.operation_id or _ZERO_TRACE)
@@ -86,10 +94,8 @@ def request_envelope(ikey, rec, rate):
     """A RequestRecord as the RequestData envelope of a SERVER span, with our success rule (only 5xx fails),
     the user tag and, when sampled, the sampleRate that makes ItemCount 1 / rate."""
     start, duration = _span_times(rec.timestamp, rec.duration_ms)
-    tags = _tags(rec.operation_id or telemetry.new_trace_id())  # OpenCensus gives a span without one a new trace
-    if rec.parent_id:
-        tags["ai.operation.parentId"] = rec.parent_id
-    name = f"{rec.method} {rec.route}"
+    tags = _span_tags(rec)
+    name = rec.name
     tags["ai.operation.name"] = name
     if rec.user_id:
         tags["ai.user.authUserId"] = rec.user_id
@@ -103,9 +109,7 @@ def request_envelope(ikey, rec, rate):
 def dependency_envelope(ikey, rec, rate):
     """A DependencyRecord as the RemoteDependencyData envelope of a CLIENT span (an HTTP call)."""
     start, duration = _span_times(rec.timestamp, rec.duration_ms)
-    tags = _tags(rec.operation_id or telemetry.new_trace_id())  # OpenCensus gives a span without one a new trace
-    if rec.parent_id:
-        tags["ai.operation.parentId"] = rec.parent_id
+    tags = _span_tags(rec)
     url = urlparse(rec.data)
     properties = {"component": rec.type}
     if rec.status:
