@@ -1,6 +1,6 @@
 """Local dashboard at scale: GET /dashboard/usage?days=30 over 1,000,000 events in 30 days.
 
-Bulk-loads a fresh SQLite store with plain INSERTs (the rollup triggers fire as for the writer):
+Bulk-loads a fresh SQLite store through LocalStore.load_rows (plain INSERTs; the rollup triggers fire as for the writer):
 events (skewed custom names, logins, CRUD), requests and dependencies spread over 30 days; then
 times GET /dashboard/usage?days=30 through the app (local mode): the first call (cold) and the
 median of the others (warm). Prints one JSON line.
@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.pop("APPLICATIONINSIGHTS_CONNECTION_STRING", None)
 
-import local_store  # noqa: E402
+from local_store import LocalStore  # noqa: E402
+from local_store.rows import utc_day  # noqa: E402
 
 DAY = 86400
 CUSTOM = [f"Custom{i:02d}" for i in range(20)]
@@ -38,8 +39,8 @@ ENTITIES = ["invoice", "customer", "order", "product", "report", "user"]
 
 def load(path, events, requests, dependencies, users=2000, cardinality=False, seed=1):
     """Fill a fresh store, time-ordered rows as the writer produces them; returns seconds taken."""
-    local_store.LocalStore(path)._create_schema()
-    conn = local_store.connect(path)
+    store = LocalStore(path)
+    store.create_schema()
     rnd = random.Random(seed)
     start = time.time() - 30 * DAY
     user_ids = [f"user-{i:05d}" for i in range(users)]
@@ -48,9 +49,7 @@ def load(path, events, requests, dependencies, users=2000, cardinality=False, se
     def insert(kind, count, row):
         for first in range(0, count, 20_000):
             rows = [row(i, start + (i + rnd.random()) * 30 * DAY / count) for i in range(first, min(count, first + 20_000))]
-            conn.execute("BEGIN IMMEDIATE")
-            local_store._insert_many(conn, kind, rows)
-            conn.execute("COMMIT")
+            store.load_rows(kind, rows)
 
     def event(i, ts):
         kind = rnd.random()
@@ -63,25 +62,23 @@ def load(path, events, requests, dependencies, users=2000, cardinality=False, se
         else:
             name, user, action, entity = "CrudActivity", rnd.choice(user_ids), rnd.choice(ACTIONS), rnd.choice(ENTITIES)
         event_id = str(uuid.UUID(int=rnd.getrandbits(128), version=4))
-        return (event_id, ts, local_store._day(ts), name, user, action, entity, "", '{"format":"pdf"}', "", "", 0)
+        return (event_id, ts, utc_day(ts), name, user, action, entity, "", '{"format":"pdf"}', "", "", 0)
 
     def request(i, ts):
         route = f"GET /r/{rnd.randrange(100_000):05d}" if cardinality else rnd.choice(ROUTES)
         status = 500 if rnd.random() < 0.01 else 200
-        return (ts, local_store._day(ts), route, status, int(status < 500), rnd.lognormvariate(math.log(3.0), 0.8),
+        return (ts, utc_day(ts), route, status, int(status < 500), rnd.lognormvariate(math.log(3.0), 0.8),
                 "", uuid.UUID(int=rnd.getrandbits(128)).hex)
 
     def dependency(i, ts):
         typ, target = ("HTTP", f"host{rnd.randrange(100_000):05d}.example") if cardinality else rnd.choice(TARGETS)
         ok = rnd.random() > 0.02
-        return (ts, local_store._day(ts), typ, target, "GET /v1/thing", "200" if ok else "503", int(ok),
+        return (ts, utc_day(ts), typ, target, "GET /v1/thing", "200" if ok else "503", int(ok),
                 rnd.lognormvariate(math.log(20.0), 0.7), "")
 
     insert("event", events, event)
     insert("request", requests, request)
     insert("dependency", dependencies, dependency)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
     return round(time.perf_counter() - t0, 1)
 
 
@@ -117,7 +114,7 @@ def main():
         result["db_mb"] = round(os.path.getsize(path) / 2 ** 20, 1)
         if args.cardinality:
             result["before_maintenance"] = time_dashboard(path, args.repeat)
-            store = local_store.LocalStore(path)
+            store = LocalStore(path)
             store.start()
             t = time.perf_counter()
             store.prune(timeout=3600)

@@ -1,4 +1,4 @@
-"""Fault injection for the local store through its one seam, `local_store.connection_factory`.
+"""Fault injection for the local store through its one seam, `local_store.connection.connection_factory`.
 
 `SqliteFaults().install(monkeypatch)` makes every connection local_store opens from then on a
 `FaultyConnection`, a real sqlite3.Connection whose execute() -- while a fault is on and for the
@@ -9,7 +9,7 @@ healed). Nothing of the store is mocked: its own code meets the failure.
 import sqlite3
 import threading
 
-import local_store
+from local_store import connection
 
 WRITES = ("INSERT", "BEGIN IMMEDIATE", "COMMIT")
 
@@ -45,7 +45,7 @@ class SqliteFaults:
             self._cond.notify_all()
 
     def install(self, monkeypatch):
-        monkeypatch.setattr(local_store, "connection_factory", self.connection_class())
+        monkeypatch.setattr(connection, "connection_factory", self.connection_class())
         return self
 
     def _check(self, conn, sql):

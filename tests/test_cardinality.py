@@ -10,8 +10,12 @@ from datetime import datetime, timezone
 
 import pytest
 
-import local_store
-from local_store import LocalStore
+from local_store import LocalStore, maintenance
+from local_store.connection import connect
+from local_store.maintenance import OPEN_DAYS
+from local_store.queries import raw_usage_rows, rollup_usage_rows
+from local_store.rows import utc_day
+from local_store.schema import COMPACTED_TABLES, INSERT, OTHER, TOP_TABLES, TOTAL_TABLES
 
 DAY = 86400
 K = 3
@@ -19,7 +23,7 @@ K = 3
 
 @pytest.fixture(autouse=True)
 def small_k(monkeypatch):
-    monkeypatch.setattr(local_store, "TOP_K", K)
+    monkeypatch.setattr(maintenance, "TOP_K", K)
 
 
 class Clock:
@@ -42,7 +46,7 @@ def store(tmp_path, now):
 
     def make(retention_days=None):
         s = LocalStore(str(tmp_path / "t.db"), flush_interval=0.01, clock=Clock(now), retention_days=retention_days)
-        s._create_schema()
+        s.create_schema()
         made.append(s)
         return s
 
@@ -57,18 +61,18 @@ def _midnight_of(ts):
 
 def _insert(path, events=(), requests=(), dependencies=()):
     """Rows straight into the file (the rollup triggers fire as for the writer): (ts, name, ...)."""
-    conn = local_store.connect(path)
+    conn = connect(path)
     try:
         conn.execute("BEGIN IMMEDIATE")
         for ts, name in events:
-            conn.execute(local_store._INSERT["event"],
-                         (str(uuid.uuid4()), ts, local_store._day(ts), name, "", None, None, None, "{}", "", "", 0))
+            conn.execute(INSERT["event"],
+                         (str(uuid.uuid4()), ts, utc_day(ts), name, "", None, None, None, "{}", "", "", 0))
         for ts, name, ok, ms in requests:
-            conn.execute(local_store._INSERT["request"],
-                         (ts, local_store._day(ts), name, 200 if ok else 500, int(ok), ms, "", None))
+            conn.execute(INSERT["request"],
+                         (ts, utc_day(ts), name, 200 if ok else 500, int(ok), ms, "", None))
         for ts, target, ok, ms in dependencies:
-            conn.execute(local_store._INSERT["dependency"],
-                         (ts, local_store._day(ts), "HTTP", target, "GET /x", "200", int(ok), ms, None))
+            conn.execute(INSERT["dependency"],
+                         (ts, utc_day(ts), "HTTP", target, "GET /x", "200", int(ok), ms, None))
         conn.execute("COMMIT")
     finally:
         conn.close()
@@ -97,9 +101,9 @@ def _window(now, days):
 
 
 def _raw(path, start, end, top=10):
-    conn = local_store.connect(path)
+    conn = connect(path)
     try:
-        return list(local_store._raw_usage_rows(conn, start.timestamp(), end.timestamp(), top))
+        return list(raw_usage_rows(conn, start.timestamp(), end.timestamp(), top))
     finally:
         conn.close()
 
@@ -129,7 +133,7 @@ def _top(rows, section):
 
 
 def _compacted(path):
-    conn = local_store.connect(path)
+    conn = connect(path)
     try:
         return [d for (d,) in conn.execute("SELECT day FROM compacted_days ORDER BY day")]
     finally:
@@ -138,7 +142,7 @@ def _compacted(path):
 
 def _closed_days(now, days):
     midnight = _midnight_of(now)
-    return sorted(local_store._day(midnight - back * DAY) for back in range(local_store.OPEN_DAYS, days))
+    return sorted(utc_day(midnight - back * DAY) for back in range(OPEN_DAYS, days))
 
 
 def _assert_same_totals(fast, raw):
@@ -168,9 +172,9 @@ def test_many_names_keep_exact_totals_and_the_true_leaders(store, now):
     s.start()
     s.prune()
     assert _compacted(s.path) == _closed_days(now, 8)
-    conn = local_store.connect(s.path)
+    conn = connect(s.path)
     try:  # bounded: K names and one OTHER row per closed day and dimension
-        for table in local_store._TOP_TABLES:
+        for table in TOP_TABLES:
             per_day = conn.execute(f"SELECT MAX(c) FROM (SELECT COUNT(*) AS c FROM {table} GROUP BY day)").fetchone()
             assert per_day == (K + 1,)
     finally:
@@ -181,17 +185,17 @@ def test_many_names_keep_exact_totals_and_the_true_leaders(store, now):
     for section in ("evt_top", "req_top", "dep_top"):
         merged, exact = _top(fast, section), _top(raw, section)
         assert merged[:K] == exact[:K]  # the names in every day's top K: exact counts, in order
-        assert local_store.OTHER not in {name for name, _, _ in merged}
+        assert OTHER not in {name for name, _, _ in merged}
         counts = {name: count for name, count, _ in _top(_raw(s.path, start, end, top=10_000), section)}
         for name, count, _ in merged:  # the long tail is left out on closed days: never over-counted
             assert count <= counts[name]
     # a window of closed days only has no tail names at all
     start, end = datetime.fromtimestamp(_midnight_of(now) - 7 * DAY, timezone.utc), _window(now, 5)[0]
     end = datetime.fromtimestamp(end.timestamp() - 1, timezone.utc)
-    conn = local_store.connect(s.path)
+    conn = connect(s.path)
     try:
-        rows = list(local_store._rollup_usage_rows(conn, local_store._day(start.timestamp()),
-                                                   local_store._day(end.timestamp()), 10))
+        rows = list(rollup_usage_rows(conn, utc_day(start.timestamp()),
+                                                   utc_day(end.timestamp()), 10))
     finally:
         conn.close()
     assert [name for name, _, _ in _top(rows, "evt_top")] == ["Lead0", "Lead1", "Lead2"]
@@ -203,11 +207,11 @@ def test_compaction_follows_retention_and_rebuild(store, now):
     _fill(s.path, now, days=8, names_per_day=6)
     s.start()
     s.prune()
-    cutoff = local_store._day(now - 5 * DAY)
+    cutoff = utc_day(now - 5 * DAY)
     assert _compacted(s.path) == [d for d in _closed_days(now, 8) if d >= cutoff]
-    conn = local_store.connect(s.path)
+    conn = connect(s.path)
     try:
-        for table in local_store._TOP_TABLES:
+        for table in TOP_TABLES:
             assert conn.execute(f"SELECT COUNT(*) FROM {table} WHERE day < ?", (cutoff,)).fetchone() == (0,)
     finally:
         conn.close()
@@ -218,14 +222,14 @@ def test_compaction_follows_retention_and_rebuild(store, now):
     s.close(timeout=2)
 
     # a rebuild (rollups invalidated behind the triggers' back) drops the compaction ...
-    conn = local_store.connect(s.path)
+    conn = connect(s.path)
     conn.execute("UPDATE events SET name = name WHERE rowid = (SELECT MIN(rowid) FROM events)")
     conn.close()
     s2 = store(retention_days=5)
     assert _compacted(s2.path) == []
-    conn = local_store.connect(s2.path)
+    conn = connect(s2.path)
     try:
-        for table in local_store._TOP_TABLES:
+        for table in TOP_TABLES:
             assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,)
     finally:
         conn.close()
@@ -251,7 +255,7 @@ def test_late_rows_still_count(store, now):
     late = [(yesterday, "Late"), (compacted_day, "Late"), (compacted_day + 1, "Late")]
     _insert(s.path, events=late, requests=[(compacted_day, "GET /late", False, 9.0)],
             dependencies=[(compacted_day, "late.example", True, 3.0)])
-    assert local_store._day(compacted_day) not in _compacted(s.path)
+    assert utc_day(compacted_day) not in _compacted(s.path)
     start, end = _window(now, 6)
     fast, raw = s.rows(start, end), _raw(s.path, start, end)
     _assert_same_totals(fast, raw)
@@ -269,10 +273,10 @@ def test_late_rows_still_count(store, now):
 def test_a_store_of_the_previous_version_gets_its_daily_totals(store, now):
     s = store()
     _fill(s.path, now, days=4, names_per_day=5)
-    conn = local_store.connect(s.path)  # as version 4 left it: no totals, no compaction
+    conn = connect(s.path)  # as version 4 left it: no totals, no compaction
     for name in ("events_rollup_total", "requests_rollup_total", "dependencies_rollup_total"):
         conn.execute(f"DROP TRIGGER {name}")
-    for table in local_store._TOTAL_TABLES + local_store._COMPACTED_TABLES:
+    for table in TOTAL_TABLES + COMPACTED_TABLES:
         conn.execute(f"DROP TABLE {table}")
     conn.close()
     s2 = store()  # migrate() creates the tables and fills the totals once

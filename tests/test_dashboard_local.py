@@ -11,9 +11,9 @@ import pytest
 import requests
 from flask import jsonify, request
 
-import local_store
+from local_store import queries
 from app import create_app
-from local_store import _SCHEMA
+from local_store.schema import SCHEMA
 from monitoring_utils import get_usage_stats
 from usage_tracking import log_crud_activity, log_user_login
 from telemetry import monitor_of
@@ -108,7 +108,7 @@ def _ensure_schema(app):
     """Create the store's tables the way the writer does, without recording anything."""
     conn = _db(app)
     try:
-        conn.executescript(_SCHEMA)
+        conn.executescript(SCHEMA)
     finally:
         conn.close()
 
@@ -330,8 +330,8 @@ def test_daily_latency_is_exact_and_the_rollups_agree_with_the_raw_rows(app, mon
         for ms in (300.0, 7.0):
             _insert_request(conn, _midnight(other) + 60, name="GET /b", duration_ms=ms)
     paths = []
-    real_raw = local_store._raw_usage_rows
-    monkeypatch.setattr(local_store, "_raw_usage_rows", lambda *a: paths.append("raw") or real_raw(*a))
+    real_raw = queries.raw_usage_rows
+    monkeypatch.setattr(queries, "raw_usage_rows", lambda *a: paths.append("raw") or real_raw(*a))
 
     def daily():
         with app.app_context():  # no request: nothing else is recorded between the two reads

@@ -9,7 +9,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import requests
 
-import local_store
+from local_store.connection import connect
+from local_store.queries import raw_usage_rows, rollup_usage_rows
+from local_store.rows import utc_day
 from app import create_app
 from fake_ingestion import FakeIngestion
 from telemetry import monitor_of
@@ -186,13 +188,13 @@ def test_anonymous_visitors_and_sessions_are_counted(keyed):
     users = client.get("/dashboard/usage?days=7").get_json()["users"]
     assert (users["anonymous"], users["sessions"]) == (2, 3)
     # The exact path over raw rows (any window) agrees with the rollups (whole days).
-    conn = local_store.connect(monitor_of(keyed).settings.telemetry_db)
+    conn = connect(monitor_of(keyed).settings.telemetry_db)
     try:
         now = time.time()
         day0 = now - now % 86400
-        raw = {r["section"]: r["users"] for r in local_store._raw_usage_rows(conn, day0, now + 1, 10)}
-        rolled = {r["section"]: r["users"] for r in local_store._rollup_usage_rows(
-            conn, local_store._day(day0), local_store._day(now), 10)}
+        raw = {r["section"]: r["users"] for r in raw_usage_rows(conn, day0, now + 1, 10)}
+        rolled = {r["section"]: r["users"] for r in rollup_usage_rows(
+            conn, utc_day(day0), utc_day(now), 10)}
     finally:
         conn.close()
     assert raw["anonymous_summary"] == rolled["anonymous_summary"] == 2

@@ -26,6 +26,9 @@ from app import create_app
 from config import ConfigError
 from fault_sqlite import SqliteFaults
 from local_store import LocalStore
+from local_store.connection import connect
+from local_store.queries import raw_usage_rows, rollup_usage_rows, rollups_cover
+from local_store.rows import utc_day
 from telemetry import DependencyRecord, EventRecord, RequestRecord, monitor_of
 
 DAY = 86400
@@ -103,7 +106,7 @@ class Poster:
 
     def check_bound(self):
         store = store_of(self.app)
-        queued = len(store._w.items)
+        queued = store.queued
         self.max_queued = max(self.max_queued, queued)
         assert queued <= store.queue_capacity
 
@@ -277,7 +280,7 @@ def test_a_corrupt_page_mid_run_moves_the_file_aside_and_keeps_every_accepted_ev
     lines = error_lines(caplog, "is corrupt")
     assert len(lines) == 1 and str(db) in lines[0].getMessage()
     assert store.health()["failing"] is False
-    wait_until(lambda: not store._w.job, message="the copy to finish")
+    wait_until(lambda: not store.maintaining, message="the copy to finish")
     events = _usage(poster.client)["events"]
     assert events["total"] == len(poster.accepted) and poster.refused == 0
     assert poster.client.get("/healthz").status_code == 200, "healthy on the new file"
@@ -511,16 +514,16 @@ def _tables(db):
 
 def _assert_rollups_equal_raw(db, first_days):
     """For windows starting on each of `first_days` and ending now: the rollups' figures == the raw rows'."""
-    conn = local_store.connect(str(db))
+    conn = connect(str(db))
     try:
         conn.execute("BEGIN")  # one snapshot for both paths
         now = time.time()
         for first in first_days:
             t0 = datetime.combine(first, datetime.min.time(), timezone.utc).timestamp()
-            assert local_store._rollups_cover(conn, t0, now) is not None
-            raw = sorted(local_store._raw_usage_rows(conn, t0, now, 10), key=repr)
+            assert rollups_cover(conn, t0, now) is not None
+            raw = sorted(raw_usage_rows(conn, t0, now, 10), key=repr)
             for users in ("last", "days"):
-                rolled = sorted(local_store._rollup_usage_rows(conn, local_store._day(t0), local_store._day(now), 10,
+                rolled = sorted(rollup_usage_rows(conn, utc_day(t0), utc_day(now), 10,
                                                                users), key=repr)
                 assert _rounded(rolled) == _rounded(raw), (first, users)
                 for r, w in zip(rolled, raw):  # percentiles: within the histogram's documented bound
@@ -534,7 +537,7 @@ def _assert_rollups_equal_raw(db, first_days):
 
 
 def _rounded(rows):
-    """Rows with floats rounded; percentiles left out (the rollups' are exact to 4.4 %, see local_store)."""
+    """Rows with floats rounded; percentiles left out (the rollups' are exact to 4.4 %, see local_store.queries)."""
     return [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items() if k[0] != "p"} for r in rows]
 
 
@@ -553,7 +556,7 @@ def test_retention_prunes_old_days_hourly_and_keeps_the_rest_exact(apps, tmp_pat
     first_pass = store.last_prune
     clock.offset = 3601  # an hour later by the store's clock: the writer prunes on its own
     wait_until(lambda: store.last_prune is not first_pass, message="the hourly retention pass")
-    cutoff = local_store._day(clock() - 30 * DAY)
+    cutoff = utc_day(clock() - 30 * DAY)
     assert store.last_prune["reason"] == "retention" and store.last_prune["before"] == cutoff
     assert store.last_prune["rows"]["events"] == 2 * 4 * sum(d.isoformat() < cutoff for d in days)
     raw, rollup_days, last_days, marker = _tables(db)
@@ -582,11 +585,11 @@ def test_the_size_cap_prunes_the_oldest_days_first_with_one_line(apps, tmp_path,
     today = datetime.now(timezone.utc).date()
     days = [today - timedelta(days=n) for n in range(5, -1, -1)]
     _fill_days(store, days, per_day=100, pad=1500)  # about 2 MB over six days
-    assert LocalStore._used_mb(store._w.conn) > 1
+    assert store.used_mb() > 1
     caplog.clear()
     store.prune()
     assert store.last_prune["reason"] == "size"
-    assert LocalStore._used_mb(store._w.conn) <= 1
+    assert store.used_mb() <= 1
     raw, rollup_days, _, marker = _tables(db)
     kept = raw["events"][0]
     assert days[0].isoformat() < kept <= today.isoformat()
@@ -641,7 +644,7 @@ def test_threads_recording_at_once_never_overfill_the_queue(faults, tmp_path):
             t.start()
         for t in threads:
             t.join()
-        assert len(store._w.items) <= 500
+        assert store.queued <= 500
         faults.heal()
         assert store.flush()
         with contextlib.closing(sqlite3.connect(tmp_path / "t.db")) as conn:
