@@ -48,6 +48,8 @@ class Settings:
     local_queue_capacity: int = 100000
     local_retention_days: int = 90
     local_max_mb: float = 1024.0
+    local_min_free_mb: float = 64.0
+    local_reserve_mb: float = 8.0
     log_level: str = "INFO"
     dashboard_token: str = field(default="", repr=False)
     dashboard_auth: bool = True
@@ -100,6 +102,8 @@ _BOUNDS = {
     "local_queue_capacity": (100, 10000000),
     "local_retention_days": (1, 3650),
     "local_max_mb": (1, 10000000),
+    "local_min_free_mb": (0, 1000000),
+    "local_reserve_mb": (0, 1024),
     "trusted_proxies": (0, 10),
     "health_ingestion_grace": (1, 86400),
     "health_min_free_mb": (0, 1000000),

@@ -131,6 +131,7 @@ class Maintenance:
             return self._retention_job(now)
         if time.monotonic() >= self.next_size_check:
             self.next_size_check = time.monotonic() + _SIZE_CHECK_INTERVAL
+            self.store.space.keep_reserve()
             used = used_mb(self.writer.conn)
             if used > self.store.max_mb:
                 return self._size_job(used)

@@ -16,15 +16,38 @@ from local_store.schema import COLUMN_DEFAULTS, COLUMNS
 log = logging.getLogger(__name__)
 
 
-def pid_alive(pid):
-    """True when a process with this id exists (or may: one we may not signal)."""
+def pid_alive(pid, started=None):
+    """True when a process with this id runs (or may: one we may not signal); a zombie is dead.
+
+    `started` (its start time, see process_start) tells a process from a later one that reuses its
+    id, as a restarted container's processes do.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
         return True
-    return True
+    stat = _stat(pid)
+    if stat is None:
+        return True  # no /proc: trust the signal
+    return stat[0] != "Z" and (started is None or stat[1] == started)
+
+
+def _stat(pid):
+    """(state, start time in clock ticks since boot) of a process from /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0], fields[19]
+
+
+def process_start(pid=None):
+    """This (or `pid`'s) process's start time as /proc gives it ("" where there is none)."""
+    stat = _stat(pid or os.getpid())
+    return stat[1] if stat else ""
 
 
 def save(path, rows):
@@ -82,9 +105,7 @@ def load(claims, base):
                     try:
                         item = json.loads(line)
                         kind, row = item["kind"], item["row"]
-                        columns = COLUMNS[kind]
-                        rows.setdefault(f"ignore {kind}", []).append(
-                            tuple(row.get(c, COLUMN_DEFAULTS.get(c)) for c in columns))
+                        rows.setdefault(f"ignore {kind}", []).append(_values(COLUMNS[kind], row))
                     except (ValueError, KeyError, TypeError, AttributeError):
                         bad += 1
         except OSError as exc:
@@ -92,6 +113,15 @@ def load(claims, base):
     if bad:
         log.error("local store skipped %d unreadable line(s) of %s", bad, base)
     return rows
+
+
+def _values(columns, row):
+    """A row's INSERT parameters: from a list in column order (the journal) or an object by column name."""
+    if isinstance(row, list):
+        if len(row) != len(columns):
+            raise ValueError("a row of the wrong length")
+        return tuple(row)
+    return tuple(row.get(c, COLUMN_DEFAULTS.get(c)) for c in columns)
 
 
 def remove(claims):

@@ -111,17 +111,21 @@ def midnight(day):
 
 
 def encode(held):
-    """(rows by insert kind, row count, records dropped) of queue items: records, and rows from a pending file.
+    """(rows by insert kind, row count, records dropped) of queue items: records, event rows (encoded by
+    the request thread, see event_row), and rows from a pending file.
 
     A record that cannot be encoded is dropped (and logged) without costing the others.
     """
-    groups = {kind: [] for kind in RECORD_KINDS}
+    groups = {kind: [] for kind in RECORD_KINDS if kind != "event"}
     rows, dropped = {}, 0
+    events = rows["event"] = []
     for items in held:
         for kind, payload in items:
             group = groups.get(kind)
             if group is not None:
                 group.append(payload)
+            elif kind == "event":
+                events.append(payload)
             elif kind == "rows":
                 for key, params in payload.items():
                     rows.setdefault(key, []).extend(params)
@@ -131,6 +135,8 @@ def encode(held):
             dropped += bad
             if encoded:
                 rows.setdefault(kind, []).extend(encoded)
+    if not events:
+        del rows["event"]
     return rows, sum(len(params) for params in rows.values()), dropped
 
 
@@ -148,19 +154,20 @@ def _encode_kind(kind, records):
         return good, bad
 
 
+def event_row(rec):
+    """The INSERT parameters of one EventRecord (COLUMNS["event"] order)."""
+    props = rec.properties
+    crud = rec.name == "CrudActivity"
+    return (rec.event_id, rec.timestamp, utc_day(rec.timestamp), rec.name, rec.user_id or "",
+            props.get("action") if crud else None, props.get("entity") if crud else None,
+            rec.operation_id, properties_json(_without_event_id(props)), rec.anonymous_id, rec.session_id,
+            int(rec.client_event_id))
+
+
 def record_rows(kind, records):
     """The INSERT parameters of records of one kind."""
     if kind == "event":
-        rows = []
-        for rec in records:
-            props = rec.properties
-            crud = rec.name == "CrudActivity"
-            rows.append((rec.event_id, rec.timestamp, utc_day(rec.timestamp), rec.name, rec.user_id or "",
-                         props.get("action") if crud else None, props.get("entity") if crud else None,
-                         rec.operation_id, properties_json(_without_event_id(props)), rec.anonymous_id,
-                         rec.session_id,
-                         int(rec.client_event_id)))
-        return rows
+        return [event_row(rec) for rec in records]
     if kind == "request":
         return [(rec.timestamp, utc_day(rec.timestamp), rec.name, rec.status, int(rec.success),
                  rec.duration_ms, rec.user_id or "", rec.operation_id) for rec in records]

@@ -9,12 +9,15 @@ import time
 
 from config import ConfigError, Settings
 from local_store import pending
+from local_store.journal import claim_orphans
 from local_store.connection import classify, connect, diagnose, file_identity, rollback, write_transaction
 from local_store.maintenance import used_mb
 from local_store.queries import usage_rows
-from local_store.rows import encode, insert_many, max_params
+from local_store.rows import encode, event_row, insert_many, max_params
 from local_store.schema import SCHEMA, migrate
-from local_store.writer import ReadGate, StorageUnavailable, Writer
+from local_store.space import Space
+from local_store.record_queue import StorageUnavailable
+from local_store.writer import ReadGate, Writer
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,8 @@ class LocalStore:
     """
 
     def __init__(self, path, batch_size=500, flush_interval=0.2, top=10, *, queue_capacity=None,
-                 retention_days=None, max_mb=None, shutdown_grace=None, clock=time.time):
+                 retention_days=None, max_mb=None, shutdown_grace=None, min_free_mb=None, reserve_mb=None,
+                 clock=time.time):
         defaults = Settings()
         self.path = path
         self.top = top
@@ -45,6 +49,8 @@ class LocalStore:
         self.max_mb = float(max_mb or defaults.local_max_mb)
         self.shutdown_grace = float(defaults.shutdown_grace if shutdown_grace is None else shutdown_grace)
         self.clock = clock
+        self.space = Space(path, defaults.local_min_free_mb if min_free_mb is None else min_free_mb,
+                           defaults.local_reserve_mb if reserve_mb is None else reserve_mb)
         self.gate = ReadGate()
         self._w = None
         # What health() reports; the writer and its maintenance update these (they outlive a restart).
@@ -70,7 +76,8 @@ class LocalStore:
         kwargs = dict(batch_size=settings.local_batch_size, flush_interval=settings.local_flush_interval,
                       top=settings.usage_top, queue_capacity=settings.local_queue_capacity,
                       retention_days=settings.local_retention_days, max_mb=settings.local_max_mb,
-                      shutdown_grace=settings.shutdown_grace)
+                      shutdown_grace=settings.shutdown_grace, min_free_mb=settings.local_min_free_mb,
+                      reserve_mb=settings.local_reserve_mb)
         kwargs.update(overrides)
         return cls(settings.telemetry_db, **kwargs)
 
@@ -131,6 +138,7 @@ class LocalStore:
                     w.note_failure(kind, exc)  # the writer keeps trying
                     break
                 raise self._config_error(exc) from None
+        claim_orphans(self.path, self.pending_path)
         w.claims = pending.claim(self.pending_path)
         self._w = w
         w.start_thread()
@@ -147,46 +155,33 @@ class LocalStore:
         w = self._w
         if w is None or w.closed:
             return
-        timeout = self.shutdown_grace if timeout is None else max(0.0, timeout)
-        deadline = time.monotonic() + timeout
-        w.closed = True
-        w.room = 0
-        w.stop_deadline = deadline - min(1.0, timeout * 0.25)  # the rest of the time is for saving
-        w.stopping.set()
-        w.control(("stop", None))
-        w.thread.join(max(0.0, w.stop_deadline - time.monotonic()))
-        stuck = w.thread.is_alive()
-        locked = True
-        if stuck:  # inside SQLite (a lock held elsewhere, a slow disk): take the batch over
-            if w.conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    w.conn.interrupt()
-            locked = w.commit_lock.acquire(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
-        try:
-            with w.lock:
-                w.abandoned = True
-                leftovers = w.held + [list(w.items)]
-                w.items.clear()
-        finally:
-            if stuck and locked:
-                w.commit_lock.release()
-        w.abort.set()
+        leftovers, stuck = w.stop(self.shutdown_grace if timeout is None else max(0.0, timeout))
         rows, count, dropped = encode(leftovers)
         self.write_errors += dropped
-        if count and stuck and not locked:
+        if count and stuck:
             log.warning("local store: the writer was stuck in a commit at shutdown; its batch is saved as well "
                         "(events are stored once, other rows may count twice)")
         if not count or self._save_pending(rows, count):
             pending.remove(w.claims)
+            w.queue.journal.discard()
+        else:  # the accepted events are in the journal: the next start imports them from there
+            w.queue.journal.hand_over(self.pending_path)
 
     def _save_pending(self, rows, count):
-        """Save rows to the pending file; ONE error line with the count when even that fails."""
+        """Save rows to the pending file (on a full disk, in the reserve's room); ONE error line when even that fails."""
         try:
-            pending.save(self.pending_path, rows)
+            try:
+                pending.save(self.pending_path, rows)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or not self.space.release():
+                    raise
+                pending.save(self.pending_path, rows)
         except (OSError, TypeError, ValueError) as exc:
-            self.lost += count
-            log.error("local store lost %d records at shutdown: they could not be written to %s nor saved to %s (%s)",
-                      count, self.path, self.pending_path, exc)
+            events = len(rows.get("event", ()))
+            self.lost += count - events
+            log.error("local store lost %d records (requests, dependencies, traces) at shutdown: they could not be written to %s nor saved to %s (%s)%s",
+                      count - events, self.path, self.pending_path, exc,
+                      f"; the {events} events among them are kept in its journal for the next start" if events else "")
             return False
         self.saved += count
         log.warning("local store saved %d records it could not write in time to %s; the next start imports them",
@@ -200,19 +195,22 @@ class LocalStore:
         if w.failing:
             raise StorageUnavailable(f"the local store cannot write ({w.reason}); events are refused until it "
                                      "recovers")
-        w.put("event", rec)
+        low = self.space.low()
+        if low:
+            raise StorageUnavailable(low)
+        w.queue.put_event(event_row(rec))
 
     def track_request(self, rec):
         """Queue one request (also while the writer is failing, as long as there is room)."""
-        self._w.put("request", rec)
+        self._w.queue.put("request", rec)
 
     def track_dependency(self, rec):
         """Queue one dependency."""
-        self._w.put("dependency", rec)
+        self._w.queue.put("dependency", rec)
 
     def track_trace(self, record):
         """Queue one log record of the trace logger (a `traces` row)."""
-        self._w.put("trace", record)
+        self._w.queue.put("trace", record)
 
     def flush(self, timeout=10.0):
         """Wait until every row queued before this call is committed (False when that took too long)."""
@@ -220,9 +218,9 @@ class LocalStore:
         if w is None:
             return True
         if w.thread is None or not w.thread.is_alive():
-            return not w.held and not w.items
+            return not w.held and not w.queue.items
         done = threading.Event()
-        w.control(("flush", done))
+        w.queue.control(("flush", done))
         return done.wait(timeout)
 
     def prune(self, timeout=60.0):
@@ -231,7 +229,7 @@ class LocalStore:
         if w is None or not w.running:
             raise StorageUnavailable("the local store is not running")
         done = threading.Event()
-        w.control(("prune", done))
+        w.queue.control(("prune", done))
         done.wait(timeout)
         return self.last_prune
 
@@ -239,7 +237,7 @@ class LocalStore:
     @property
     def queued(self):
         """Records queued and not yet taken by the writer."""
-        return len(self._w.items) if self._w is not None else 0
+        return len(self._w.queue) if self._w is not None else 0
 
     @property
     def maintaining(self):
@@ -256,7 +254,7 @@ class LocalStore:
         w = self._w
         if w is None:
             return {"started": False}
-        report = {"started": True, "queued": len(w.items), "queue_capacity": self.queue_capacity,
+        report = {"started": True, "queued": len(w.queue), "queue_capacity": self.queue_capacity,
                   "written": self.written, "write_errors": self.write_errors,
                   "writer_alive": w.thread is not None and w.thread.is_alive(),
                   "failing": w.failing, "last_error": self.last_error,
@@ -283,12 +281,17 @@ class LocalStore:
             since = time.monotonic() - (w.failing_since or time.monotonic())
             out.append(f"local store writer failing for {since:.0f} s: {w.reason} ({self.last_error}); "
                        "events are refused")
-        queued = len(w.items)
+        queued = len(w.queue)
         if queued >= _QUEUE_WARN * self.queue_capacity:
             out.append(f"local store queue {100 * queued // self.queue_capacity} % full "
                        f"({queued} of {self.queue_capacity})")
         if self.size_problem:
             out.append(self.size_problem)
+        low = self.space.low()
+        if low:
+            out.append(low)
+        if w.queue.journal_error:
+            out.append(f"local store cannot journal events ({w.queue.journal_error}); events are refused")
         if self.lost:
             out.append(f"local store lost {self.lost} records at shutdown (the pending file could not be written)")
         return out
@@ -342,7 +345,7 @@ class LocalStore:
         """
         if self._writer_running():
             if file_identity(self.path) != self._schema_identity:
-                self._w.control(("check", None))
+                self._w.queue.control(("check", None))
                 deadline = time.monotonic() + 2.0
                 while time.monotonic() < deadline and (file_identity(self.path) is None
                                                        or file_identity(self.path) != self._schema_identity):
@@ -360,4 +363,4 @@ class LocalStore:
         """A read saw a corrupt page: the writer checks the file and moves it aside."""
         self.suspect = True
         if self._writer_running():
-            self._w.control(("check", None))
+            self._w.queue.control(("check", None))

@@ -5,7 +5,6 @@ backoff while the batch is kept; a database file replaced or deleted while open 
 (created again with its schema); a corrupt one is moved aside, a new one started and its readable
 rows copied back (see maintenance). While it fails, events are refused (StorageUnavailable).
 """
-import collections
 import contextlib
 import errno
 import logging
@@ -19,6 +18,7 @@ from local_store import pending
 from local_store.connection import (REASONS, checkpoint, classify, close_quietly, connect, file_identity, move_aside,
                                     remove_stale_sidecars, rollback)
 from local_store.maintenance import Maintenance
+from local_store.record_queue import RecordQueue
 from local_store.rows import encode, insert_many, max_params
 from local_store.schema import TABLE_OF, migrate
 from telemetry import mark_internal_thread
@@ -29,10 +29,6 @@ _IDLE_TICK = 1.0               # the writer wakes at least this often when idle
 _CHECK_INTERVAL = 2.0          # seconds between checks that TELEMETRY_DB is still the file the writer has open
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 2.0
 _FAILURE_LOG_INTERVAL = 60.0
-
-
-class StorageUnavailable(Exception):
-    """The local store cannot take a record now (queue full, writer failing, store closed); retry later."""
 
 
 class ReadGate:
@@ -83,14 +79,7 @@ class Writer:
     def __init__(self, store):
         self.store = store
         self.path = store.path
-        # The queue: a deque bounded by `room` under `lock` (queue.Queue's put_nowait costs three times more).
-        # Before the writer waits for `wake` it sets `wake_at`: the queue length at which a put sets `wake`
-        # (1 when idle; the rest of a batch while gathering one, so a busy writer is not woken per record).
-        self.items = collections.deque()
-        self.room = store.queue_capacity  # 0 once closed
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.wake_at = math.inf
+        self.queue = RecordQueue(store.queue_capacity, store.path)
         self.held = []             # lists of queue items taken and not yet committed: the batch in hand
         self.encoded = None        # (rows by insert kind, count) of `held`, built once per batch
         self.claims = []           # pending files whose rows are in `held`
@@ -101,7 +90,6 @@ class Writer:
         self.stopping = threading.Event()
         self.abort = threading.Event()
         self.stop_deadline = math.inf
-        self.closed = False
         self.abandoned = False     # close() took the batch in hand over: never commit it
         self.commit_lock = threading.Lock()
         self.attempts = 0
@@ -112,25 +100,12 @@ class Writer:
         self.reason = None
         self._next_failure_log = 0.0
         self.maintenance = Maintenance(self)
+        self.done = 0              # queue items committed (or handled): the journal's segments go by it
 
-    # -- the queue (request threads) --------------------------------------------------------
-    def put(self, kind, record):
-        """Queue one record while there is room (waking the writer if it sleeps), else StorageUnavailable."""
-        with self.lock:
-            if len(self.items) < self.room:
-                self.items.append((kind, record))
-                if len(self.items) >= self.wake_at:
-                    self.wake.set()
-                return
-        if self.closed:
-            raise StorageUnavailable("the local store is closed")
-        raise StorageUnavailable("the local store cannot take more records (queue full)")
-
-    def control(self, item):
-        """Queue a control item (flush, stop, prune, check): it never counts against the capacity."""
-        with self.lock:
-            self.items.append(item)
-        self.wake.set()
+    @property
+    def closed(self):
+        """True once close() has been called."""
+        return self.queue.closed
 
     @property
     def running(self):
@@ -142,6 +117,33 @@ class Writer:
         """Start the writer thread; its first batch is the rows of the claimed pending files."""
         self.thread = threading.Thread(target=self._run, name="local-store-writer", daemon=True)
         self.thread.start()
+
+    def stop(self, timeout):
+        """Stop the thread within `timeout` seconds; return (what it did not write, stuck): the batch in hand and
+        the rest of the queue, and whether the thread was stuck in a commit it may still finish."""
+        deadline = time.monotonic() + timeout
+        self.queue.close()
+        self.stop_deadline = deadline - min(1.0, timeout * 0.25)  # the rest of the time is for saving
+        self.stopping.set()
+        self.queue.control(("stop", None))
+        self.thread.join(max(0.0, self.stop_deadline - time.monotonic()))
+        stuck = self.thread.is_alive()
+        locked = True
+        if stuck:  # inside SQLite (a lock held elsewhere, a slow disk): take the batch over
+            if self.conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.interrupt()
+            locked = self.commit_lock.acquire(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+        try:
+            with self.queue.lock:
+                self.abandoned = True
+                leftovers = self.held + [list(self.queue.items)]
+                self.queue.items.clear()
+        finally:
+            if stuck and locked:
+                self.commit_lock.release()
+        self.abort.set()
+        return leftovers, stuck and not locked
 
     def _run(self):
         """The writer thread: one transaction per batch; recovery and maintenance in between."""
@@ -182,7 +184,7 @@ class Writer:
                 waiter.set()
             waiters = []
             if self.stopping.is_set():
-                if not self.items:
+                if not self.queue.items:
                     return
                 continue
             self._maintain()
@@ -194,7 +196,8 @@ class Writer:
         timeout = 0.0 if self.maintenance.busy or self.stopping.is_set() else _IDLE_TICK
         while True:
             remaining = batch_size - count
-            items = self._take(remaining, timeout, 1 if deadline is None else remaining)
+            items = self.queue.take(self.held, remaining, timeout, 1 if deadline is None else remaining,
+                                    self.stopping)
             if items:
                 for kind, payload in items:
                     if kind in TABLE_OF:
@@ -217,25 +220,6 @@ class Writer:
                 break
         return waiters
 
-    def _take(self, limit, timeout, enough=1):
-        """Move up to `limit` queue items into `held`, first waiting up to `timeout` while fewer than
-        `enough` are queued (a control item wakes it at once); return them."""
-        dq = self.items
-        if len(dq) < enough and timeout > 0 and not self.stopping.is_set():
-            self.wake_at = enough
-            if len(dq) < enough:  # checked again after `wake_at` is set: a put after this sets `wake`
-                self.wake.wait(timeout)
-            self.wake_at = math.inf
-            self.wake.clear()  # after the wait, so a control item queued before it (which sets `wake`) ends it
-        with self.lock:
-            n = min(len(dq), max(limit, 1))
-            if not n:
-                return None
-            popleft = dq.popleft
-            items = [popleft() for _ in range(n)]
-            self.held.append(items)
-        return items
-
     def _commit(self):
         """Write the batch in hand in one transaction: None when done, else seconds to wait before retrying."""
         store = self.store
@@ -247,6 +231,7 @@ class Writer:
         if not count:
             with self.commit_lock:
                 self.held, self.encoded = [], None
+            self.done = self.queue.taken
             return None
         try:
             conn = self.conn or self.open()
@@ -271,6 +256,7 @@ class Writer:
         if replaced:  # the file was replaced or deleted: the batch may have gone to the old one
             return self.recover(None)
         store.written += count
+        self.done = self.queue.taken
         self.attempts = 0
         if self.claims:
             store.imported += count
@@ -304,6 +290,8 @@ class Writer:
             if self.attempts <= 3:
                 return 0.0
         elif kind == "full":
+            if self.store.space.release():  # room for what was accepted: try again at once
+                return 0.0
             checkpoint(self.conn)
         elif kind != "busy":
             self.drop_conn()  # reopened (and its schema checked) by the next attempt
@@ -325,7 +313,7 @@ class Writer:
         elif now >= self._next_failure_log:
             self._next_failure_log = now + _FAILURE_LOG_INTERVAL
             log.error("local store still cannot write to %s after %.0f s: %s (%s); %d records queued",
-                      self.path, now - self.failing_since, reason, exc, len(self.items))
+                      self.path, now - self.failing_since, reason, exc, len(self.queue))
 
     def recovered(self):
         """Leave the failing state (one line)."""
@@ -415,6 +403,11 @@ class Writer:
             if self.store.suspect:
                 self.store.suspect = False
                 self.maintenance.verify()
+        journal = self.queue.journal
+        if journal.rotation_due():
+            self.queue.rotate_journal()
+        if journal.closed:
+            journal.release(self.done)
         if self.conn is None and not self._reopen():  # moved aside just now, or not opened yet
             return
         self.maintenance.step()

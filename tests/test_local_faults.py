@@ -190,7 +190,7 @@ def test_a_full_tmpfs_disk(apps, tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
     app = None
     try:
-        app = apps(small / "t.db", LOCAL_QUEUE_CAPACITY="5000", HEALTH_MIN_FREE_MB="0")
+        app = apps(small / "t.db", LOCAL_QUEUE_CAPACITY="5000", HEALTH_MIN_FREE_MB="0", LOCAL_MIN_FREE_MB="0")
         store, poster = store_of(app), Poster(app)
         poster.post(5, "Before")
         assert store.flush()
@@ -583,6 +583,7 @@ def test_the_size_cap_prunes_the_oldest_days_first_with_one_line(apps, tmp_path,
     client = app.test_client()
     monitor_of(app).start()
     today = datetime.now(timezone.utc).date()
+    store.prune()  # the start-up pass is over: the next size check is the one below
     days = [today - timedelta(days=n) for n in range(5, -1, -1)]
     _fill_days(store, days, per_day=100, pad=1500)  # about 2 MB over six days
     assert store.used_mb() > 1
