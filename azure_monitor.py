@@ -9,6 +9,7 @@ DependencyRecord with its sampling rate); each exporter's worker thread turns a 
 into envelopes of the SDK's protocol classes, with the same fields the SDK's own converters
 (`log_record_to_envelope`, `span_data_to_envelope`) give, and delivers it.
 """
+import json
 import logging
 import os
 import threading
@@ -24,9 +25,10 @@ from opencensus.ext.azure.trace_exporter import AzureExporter
 
 import opencensus_adapter
 import system_health
-from sampling import Sampler
 import telemetry
 from delivery import Courier, DeliveryStats, ReliableExporterMixin, outbox_summary
+from journal import Journal, claim_orphans
+from sampling import Sampler
 
 # This module's own log lines go to the "azure_monitor" logger, which is never exported:
 # an exporter warning fed back into the exporter would loop.
@@ -39,6 +41,7 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _UTC = timezone.utc
 _build = opencensus_adapter.protocol_object
+_journal_encoder = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 _lock = threading.Lock()
 _registry = {}  # (pid, settings) -> handlers of one Azure configuration in this process
@@ -47,6 +50,11 @@ _registry = {}  # (pid, settings) -> handlers of one Azure configuration in this
 def _iso(ts):
     """An epoch timestamp in OpenCensus' envelope time format (2026-11-30T12:00:00.123456Z)."""
     return datetime.fromtimestamp(ts, _UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def _journal_line(rec):
+    """The journal line (bytes) of one EventRecord: {"rec": {its fields}}."""
+    return ('{"rec":' + _journal_encoder.encode(vars(rec)) + "}\n").encode()
 
 
 def _span_times(ts, duration_ms):
@@ -301,6 +309,7 @@ class AzureSink:
         self.stats = DeliveryStats()
         self._event_handler = self._log_handler = None
         self._traces = self._metrics = self._producer = self._courier = None
+        self._journal, self._journal_lock, self._journaled = None, threading.Lock(), 0
         self._sampler = Sampler(settings.trace_sampling, rate=settings.trace_sampling_rate,
                                 target_per_s=settings.trace_sampling_target,
                                 interval_s=settings.trace_sampling_interval)
@@ -314,6 +323,7 @@ class AzureSink:
             _exporter_options(self.settings, self.stats, "metrics"),
             export_interval=self.settings.metrics_export_interval, enable_standard_metrics=False))
         system_health.start_metrics_thread(self._metrics, self._producer, self.settings.metrics_export_interval)
+        self._start_journal()
         self._courier = Courier(self._exporters(), self.settings.export_retry_interval)
         self._courier.start()
 
@@ -327,8 +337,51 @@ class AzureSink:
         return [self._event_handler, self._log_handler, self._traces, self._metrics]
 
     def track_event(self, rec):
-        """Queue one custom event (its envelope is built by the exporter's worker)."""
-        self._event_handler.enqueue(rec)
+        """Journal one custom event, then queue it (its envelope is built by the exporter's worker).
+
+        Once this returns a crash cannot lose it: a later start sends what the journal holds again
+        (Log Analytics then has it twice; the usage queries count an event_id once).
+        """
+        line = _journal_line(rec)
+        with self._journal_lock:
+            journal = self._journal
+            journal.append(line)
+            self._journaled += 1
+            self._event_handler.enqueue(rec)
+            if journal.rotation_due():
+                journal.rotate(self._journaled)
+            if journal.closed:
+                self._release_journal()
+
+    def _release_journal(self):
+        """Delete the journal segments whose events the exporter has sent or stored."""
+        handler = self._event_handler
+        if not handler.out_of_order:
+            self._journal.release(handler.settled)
+        elif handler.settled >= self._journaled:  # an overflow upset the order: only once all are settled
+            self._journal.release(self._journaled)
+            handler.out_of_order = False
+
+    def _start_journal(self):
+        """Open this process's journal and queue again what processes that died had journaled."""
+        folder = os.path.join(self.settings.telemetry_storage, "journal")
+        os.makedirs(folder, exist_ok=True)
+        self._journal = journal = Journal(os.path.join(folder, "events"))
+        claimed = claim_orphans(journal.base, lambda path: f"{journal.prefix}r-{os.path.basename(path)[7:]}")
+        for path in claimed:
+            bad = 0
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = telemetry.EventRecord(**json.loads(line)["rec"])
+                    except (ValueError, KeyError, TypeError):
+                        bad += 1
+                        continue
+                    self._journaled += 1
+                    self._event_handler.enqueue(rec)
+            journal.closed.append((path, self._journaled))
+            if bad:
+                log.error("skipped %d unreadable line(s) of the journal %s", bad, path)
 
     def track_trace(self, record):
         """Queue one log record of the trace logger (MessageData, or ExceptionData with exc_info)."""
@@ -377,6 +430,11 @@ class AzureSink:
         opencensus_adapter.stop_trace_exporter(self._traces, remaining() or 0.01)
         opencensus_adapter.close_storage(self._metrics)
         shutdown_logging(self._event_handler, remaining() or 0.01)
+        with self._journal_lock:
+            if self._event_handler.settled >= self._journaled:  # every event sent or stored
+                self._journal.discard()
+            else:  # the next start sends them again
+                self._journal.rotate(self._journaled)
 
     def problems(self, grace_s):
         """What makes this sink unhealthy: full storage folders, an outage longer than `grace_s`, a full queue."""

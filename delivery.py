@@ -103,6 +103,10 @@ class ReliableExporterMixin:
         self.last_failure = ""  # why ingestion last refused or could not be reached (no data, no endpoint)
         self._held = set()  # paths of batches this process leased until its next retry
         self._http = threading.local()  # one keep-alive session per sending thread
+        # Items handed on (sent or stored), and whether any left out of queue order (an overflow):
+        # the sink's journal of accepted events is released by these.
+        self.settled = 0
+        self.out_of_order = False
         super().__init__(**options)
         opencensus_adapter.use_outbox(self)
 
@@ -112,8 +116,10 @@ class ReliableExporterMixin:
         try:
             opencensus_adapter.put_nowait(self, item)
         except queue.Full:
+            self.out_of_order = True
             if len(self._overflow) >= self._overflow_capacity:
                 self._store(self._to_envelopes([item]))
+                self.settled += 1
             else:
                 self._overflow.append(item)
             self._stats.add("overflowed")
@@ -125,12 +131,14 @@ class ReliableExporterMixin:
             while self._overflow and len(batch) < self.max_batch_size:
                 batch.append(self._overflow.popleft())
             self._store(self._to_envelopes(batch))
+            self.settled += len(batch)
 
     def spill_queue(self):
         """Move everything still queued to storage (shutdown); markers are released."""
         items = opencensus_adapter.take_queued(self)
         for start in range(0, len(items), self.max_batch_size):
             self._store(self._to_envelopes(items[start:start + self.max_batch_size]))
+            self.settled += len(items[start:start + self.max_batch_size])
         self.spill_overflow()
         return len(items)
 
@@ -143,6 +151,7 @@ class ReliableExporterMixin:
         """Deliver one batch taken from the queue by the SDK's worker, then release its flush marker."""
         try:
             self._deliver(self._to_envelopes(batch))
+            self.settled += len(batch)
         finally:
             if event:
                 event.set()

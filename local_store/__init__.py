@@ -6,7 +6,7 @@ These two are the package's interface to the rest of the service. Its files, in 
 record passes through them:
 
 * ``store``: LocalStore: start and close, the queue's front door (track_*), health, reads.
-* ``record_queue``: the bounded queue to the writer; ``journal``: each accepted event, on disk first.
+* ``record_queue``: the bounded queue to the writer; each event goes to the journal (``journal.py``) first.
 * ``writer``: the writer thread of one start(): batches, one transaction each, fault recovery.
 * ``rows``: how records become table rows (each kind's INSERT parameters, UTC days).
 * ``schema``: the tables, the triggers that keep the daily rollups, migrations.

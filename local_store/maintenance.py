@@ -25,9 +25,9 @@ import sqlite3
 import time
 import urllib.parse
 
+from journal import pid_alive
 from local_store import connection
 from local_store.connection import classify, close_quietly, rollback
-from local_store.pending import pid_alive
 from local_store.rows import DAY_SECONDS, insert_many, iso_utc, midnight, utc_day
 from local_store.schema import COLUMNS, OTHER, RECORD_KINDS, TABLE_OF
 

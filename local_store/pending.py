@@ -11,43 +11,10 @@ import json
 import logging
 import os
 
+from journal import pid_alive
 from local_store.schema import COLUMN_DEFAULTS, COLUMNS
 
 log = logging.getLogger(__name__)
-
-
-def pid_alive(pid, started=None):
-    """True when a process with this id runs (or may: one we may not signal); a zombie is dead.
-
-    `started` (its start time, see process_start) tells a process from a later one that reuses its
-    id, as a restarted container's processes do.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    stat = _stat(pid)
-    if stat is None:
-        return True  # no /proc: trust the signal
-    return stat[0] != "Z" and (started is None or stat[1] == started)
-
-
-def _stat(pid):
-    """(state, start time in clock ticks since boot) of a process from /proc, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            fields = fh.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return fields[0], fields[19]
-
-
-def process_start(pid=None):
-    """This (or `pid`'s) process's start time as /proc gives it ("" where there is none)."""
-    stat = _stat(pid or os.getpid())
-    return stat[1] if stat else ""
 
 
 def save(path, rows):

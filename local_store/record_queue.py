@@ -1,9 +1,17 @@
 """The bounded queue between the request threads and the writer, and the journal each accepted event goes to first."""
 import collections
+import json
 import math
 import threading
 
-from local_store.journal import Journal, event_line
+from journal import Journal
+
+_encoder = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
+def event_line(row):
+    """The journal line (bytes) of one event row: {"kind": "event", "row": [...]}, the pending file's format."""
+    return ('{"kind":"event","row":' + _encoder.encode(row) + "}\n").encode()
 
 
 class StorageUnavailable(Exception):
@@ -27,7 +35,7 @@ class RecordQueue:
         self.wake = threading.Event()
         self.wake_at = math.inf
         self.seq = self.taken = 0
-        self.journal = Journal(db_path)
+        self.journal = Journal(db_path + ".journal")
         self.journal_error = None  # why the last append failed, until one succeeds
 
     def __len__(self):

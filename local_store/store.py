@@ -8,15 +8,15 @@ import threading
 import time
 
 from config import ConfigError, Settings
+from journal import claim_orphans
 from local_store import pending
-from local_store.journal import claim_orphans
 from local_store.connection import classify, connect, diagnose, file_identity, rollback, write_transaction
 from local_store.maintenance import used_mb
 from local_store.queries import usage_rows
 from local_store.rows import encode, event_row, insert_many, max_params
 from local_store.schema import SCHEMA, migrate
-from local_store.space import Space
 from local_store.record_queue import StorageUnavailable
+from local_store.space import Space
 from local_store.writer import ReadGate, Writer
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ class LocalStore:
         """The JSON-lines file close() saves unwritten records to (see pending)."""
         return self.path + ".pending.jsonl"
 
+    def _pending_claim(self, segment):
+        """The pending claim of this process that a journal segment becomes (the writer imports it at start)."""
+        return f"{self.pending_path}.{os.getpid()}.{os.path.basename(segment).replace('.', '-')}"
+
     def create_schema(self):
         """Create (or migrate) the database file, its tables, rollups and triggers, without starting the writer."""
         with self._schema_lock:
@@ -138,7 +142,7 @@ class LocalStore:
                     w.note_failure(kind, exc)  # the writer keeps trying
                     break
                 raise self._config_error(exc) from None
-        claim_orphans(self.path, self.pending_path)
+        claim_orphans(self.path + ".journal", self._pending_claim)
         w.claims = pending.claim(self.pending_path)
         self._w = w
         w.start_thread()
@@ -165,7 +169,7 @@ class LocalStore:
             pending.remove(w.claims)
             w.queue.journal.discard()
         else:  # the accepted events are in the journal: the next start imports them from there
-            w.queue.journal.hand_over(self.pending_path)
+            w.queue.journal.hand_over(self._pending_claim)
 
     def _save_pending(self, rows, count):
         """Save rows to the pending file (on a full disk, in the reserve's room); ONE error line when even that fails."""

@@ -1,9 +1,10 @@
-"""202 means kept: `kill -9` of gunicorn's master and workers mid-stream loses no accepted event (local mode).
+"""202 means kept: `kill -9` of gunicorn's master and workers mid-stream loses no accepted event, in both modes.
 
-Each round starts the production command (gunicorn -c gunicorn.conf.py app:app, 2 workers) on a
-store, posts from 8 clients (single events and /events batches), kills every process of the server
-with SIGKILL while they post, starts the server again on the same store, stops it gracefully, and
-then looks for every event_id that was answered 202: each must be stored, once.
+Each round starts the production command (gunicorn -c gunicorn.conf.py app:app, 2 workers), posts
+from 8 clients (single events and /events batches), kills every process of the server with SIGKILL
+while they post, and starts the server again on the same files. Then every event_id that was
+answered 202 must be there: stored once in the local store, or received by the (fake) ingestion
+endpoint in Azure mode, where a resent copy is allowed (the usage queries count an event_id once).
 """
 import os
 import signal
@@ -17,6 +18,8 @@ import time
 import pytest
 import requests
 
+from fake_ingestion import FakeIngestion
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
 ROUNDS = 5
@@ -29,11 +32,14 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _serve(db, port, log):
-    """gunicorn with 2 workers on `db`, in a session of its own (so the test can kill the whole group)."""
+def _serve(db, port, log, fake=None):
+    """gunicorn with 2 workers on `db` (Azure mode towards `fake` if given), in a session of its own."""
     env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), WEB_CONCURRENCY="2", TELEMETRY_DB=str(db),
                RATE_LIMIT_ENABLED="false", LOG_LEVEL="WARNING")
     env.pop("APPLICATIONINSIGHTS_CONNECTION_STRING", None)
+    if fake is not None:
+        env.update(APPLICATIONINSIGHTS_CONNECTION_STRING=fake.connection_string, DASHBOARD_TOKEN="t" * 32,
+                   TELEMETRY_STORAGE=str(db.parent / "outbox"), EXPORT_INTERVAL="0.5", EXPORT_RETRY_INTERVAL="0.5")
     proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 30
@@ -100,24 +106,38 @@ def _stored(db):
 
 
 @pytest.mark.parametrize("round_", range(ROUNDS))
-def test_kill_9_of_every_process_mid_stream_loses_no_accepted_event(tmp_path, round_):
+@pytest.mark.parametrize("mode", ["local", "azure"])
+def test_kill_9_of_every_process_mid_stream_loses_no_accepted_event(tmp_path, mode, round_):
     db, port = tmp_path / "t.db", _free_port()
-    with open(tmp_path / "gunicorn.log", "w") as log:
-        server = _serve(db, port, log)
-        with Clients(f"http://127.0.0.1:{port}") as clients:
-            deadline = time.monotonic() + 10
-            while len(clients.accepted) < 1500 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            os.killpg(server.pid, signal.SIGKILL)  # the master and both workers, mid-stream
-            server.wait(10)
-            time.sleep(0.2)
-        accepted = list(clients.accepted)
-        assert len(accepted) >= 500, f"only {len(accepted)} events were accepted before the kill"
-        assert len(set(accepted)) == len(accepted)
-        _stop(_serve(db, port, log))  # the restart imports what the dead processes journaled
-    stored = _stored(db)
-    missing = [e for e in accepted if e not in stored]
-    assert not missing, f"{len(missing)} of {len(accepted)} events answered 202 are missing after kill -9"
-    assert all(stored[e] == 1 for e in accepted), "an accepted event was stored twice"
-    leftovers = [p for p in os.listdir(tmp_path) if ".journal." in p or ".pending.jsonl" in p]
-    assert not leftovers, f"imported journals and claims are removed: {leftovers}"
+    fake = FakeIngestion().start() if mode == "azure" else None
+    try:
+        with open(tmp_path / "gunicorn.log", "w") as log:
+            server = _serve(db, port, log, fake)
+            with Clients(f"http://127.0.0.1:{port}") as clients:
+                deadline = time.monotonic() + 10
+                while len(clients.accepted) < 1500 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                os.killpg(server.pid, signal.SIGKILL)  # the master and both workers, mid-stream
+                server.wait(10)
+                time.sleep(0.2)
+            accepted = list(clients.accepted)
+            assert len(accepted) >= 500, f"only {len(accepted)} events were accepted before the kill"
+            assert len(set(accepted)) == len(accepted)
+            server = _serve(db, port, log, fake)  # the restart takes over what the dead processes journaled
+            if fake is not None:
+                fake.wait_for(lambda f: set(accepted) <= f.event_ids(), timeout=60)
+            _stop(server)
+        if fake is None:
+            stored = _stored(db)
+            missing = [e for e in accepted if e not in stored]
+            assert all(stored[e] == 1 for e in accepted if e in stored), "an accepted event was stored twice"
+            leftovers = [p for p in os.listdir(tmp_path) if ".journal." in p or ".pending.jsonl" in p]
+        else:
+            received = fake.event_ids()
+            missing = [e for e in accepted if e not in received]
+            leftovers = os.listdir(tmp_path / "outbox" / "journal")
+        assert not missing, f"{len(missing)} of {len(accepted)} events answered 202 are missing after kill -9"
+        assert not leftovers, f"the journals are removed once what they hold is safe: {leftovers}"
+    finally:
+        if fake is not None:
+            fake.stop()

@@ -784,7 +784,7 @@ def test_default_storage_is_under_the_instance_folder(fake, make_app, instance_p
     outbox = instance_paths[0] / "outbox"
     assert monitor_of(application).settings.telemetry_storage == str(outbox)
     assert stored_event_ids(outbox) == set(ids)
-    assert sorted(os.listdir(outbox)) == ["events", "metrics", "requests", "traces"]
+    assert sorted(os.listdir(outbox)) == ["events", "journal", "metrics", "requests", "traces"]
     sink = monitor_of(application).sink
     for exporter in (sink._event_handler, sink._log_handler, sink._traces, sink._metrics):
         assert exporter.storage.path.startswith(str(outbox) + os.sep), exporter.storage.path
