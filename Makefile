@@ -41,6 +41,7 @@ system-packages:
 	fi
 
 run: $(VENV)/.installed
+	@PORT='$(PORT)' $(BIN)/python config.py PORT
 	$(BIN)/flask --app app run --host 127.0.0.1 --port $(PORT)
 
 test: install

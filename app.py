@@ -5,7 +5,7 @@ import sys
 from flask import Flask
 
 import views
-from config import ConfigError
+from config import ConfigError, check_paths
 from usage_monitor import UsageMonitor, monitor_of
 
 __all__ = ["UsageMonitor", "create_app"]
@@ -29,9 +29,10 @@ def __getattr__(name):
         raise AttributeError(name)
     try:
         application = create_app()
+        check_paths(monitor_of(application).settings)  # a service fails at start; create_app() alone degrades
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(3) from None  # 3: a gunicorn worker's boot error, which stops the master (2 would restart it)
     level = monitor_of(application).settings.log_level
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     globals()["app"] = application

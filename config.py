@@ -1,6 +1,8 @@
 """Configuration: each setting from the app's config, else the environment, else `.env`; validated once."""
+import importlib.util
 import os
 import re
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field, fields, replace
 
@@ -124,6 +126,8 @@ def load_settings(instance_path, config=None, environ=None):
             raw = config[f.name.upper()]
         if raw is None:
             continue
+        if f.name == "applicationinsights_connection_string" and not str(raw).strip():
+            raise ConfigError("APPLICATIONINSIGHTS_CONNECTION_STRING is set but blank: unset it for local mode")
         values[f.name] = _convert(f.name, f.type, raw)
     settings = Settings(**values)
     if not settings.telemetry_db:
@@ -141,6 +145,7 @@ def load_settings(instance_path, config=None, environ=None):
     settings = replace(settings, trace_sampling=settings.trace_sampling.lower())
     for var in ("event_rate_limit", "dashboard_rate_limit"):
         _require_limit(var.upper(), getattr(settings, var))
+    _require_limit_store("RATE_LIMIT_STORAGE_URI", settings.rate_limit_storage_uri)
     if settings.mode == "azure" and settings.dashboard_auth and not settings.dashboard_token:
         raise ConfigError("DASHBOARD_TOKEN must be set in Azure mode (or DASHBOARD_AUTH=off to leave "
                           "/dashboard/usage open on purpose)")
@@ -199,6 +204,28 @@ def _require_limit(var, value):
         raise ConfigError(f"{var} must be a rate limit such as '600 per minute', got {value!r}") from None
 
 
+def _require_limit_store(var, uri):
+    """Raise ConfigError unless the `limits` library has a storage for the URI's scheme and its client is installed.
+
+    Nothing is constructed or connected: the message names the scheme, never the URI (it may hold a password).
+    """
+    from limits.storage import SCHEMES
+    parsed = urllib.parse.urlparse(uri)
+    storage = SCHEMES.get(parsed.scheme)
+    if storage is None or parsed.scheme.startswith("async+"):
+        known = ", ".join(f"{scheme}://" for scheme in sorted(SCHEMES) if not scheme.startswith("async+"))
+        raise ConfigError(f"{var} must be a storage URI whose scheme the limits library supports ({known}), "
+                          "such as redis://127.0.0.1:6379/0")
+    try:
+        parsed.port
+    except ValueError:
+        raise ConfigError(f"{var} has a port that is not a number from 0 to 65535") from None
+    needed = [name for name in storage.DEPENDENCIES if name in parsed.scheme] or list(storage.DEPENDENCIES)[:1]
+    for name in needed:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"{var} uses {parsed.scheme}://, which needs the Python package {name} (pip install {name})")
+
+
 def _require_uuid(var, value):
     """Raise ConfigError unless value is a GUID."""
     try:
@@ -230,3 +257,73 @@ def parse_connection_string(conn):
     if not _ENDPOINT.match(endpoint):
         raise ConfigError(f"{var} has an IngestionEndpoint that is not an http(s) URL")
     return ikey.lower(), endpoint.rstrip("/")
+
+
+def check_paths(settings):
+    """Raise ConfigError naming TELEMETRY_DB (local mode) or TELEMETRY_STORAGE (Azure mode) when it cannot be used.
+
+    It only looks (nothing is created), so an entry point can check before the service makes the file or folder.
+    """
+    if settings.mode == "local":
+        var, path, reason = "TELEMETRY_DB", settings.telemetry_db, _unusable(settings.telemetry_db, folder=False)
+    else:
+        var, path, reason = ("TELEMETRY_STORAGE", settings.telemetry_storage,
+                             _unusable(settings.telemetry_storage, folder=True))
+    if reason:
+        raise ConfigError(f"{var}={path} cannot be opened or created: {reason}")
+
+
+def _unusable(path, folder):
+    """Why `path` (a file, or a folder when `folder`) cannot be created and written, or None when it can."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if os.path.isdir(path) != folder:
+            return "it is a folder" if os.path.isdir(path) else "it is a file, not a folder"
+        if not os.access(path, os.R_OK | os.W_OK | (os.X_OK if folder else 0)):
+            return "it is not writable"
+        if folder:
+            return None
+    probe = os.path.dirname(path)  # the folder that holds it, or the nearest one that exists
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"the folder {probe} is not writable"
+    return None
+
+
+# gunicorn.conf.py's own settings: variable -> (default, lowest, highest).
+_SERVER = {"PORT": (8000, 1, 65535), "WEB_CONCURRENCY": (2, 1, 256), "GUNICORN_THREADS": (4, 1, 1000)}
+
+
+def _whole_number(var, raw, lo, hi):
+    """raw as a whole number from lo to hi, or ConfigError naming the variable."""
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ConfigError(f"{var} must be a whole number from {lo} to {hi}, got {raw!r}")
+    return value
+
+
+def server_settings(environ=None):
+    """gunicorn's bind, workers and threads from HOST, PORT, WEB_CONCURRENCY and GUNICORN_THREADS, else ConfigError."""
+    env = os.environ if environ is None else environ
+    values = {var: _whole_number(var, env.get(var, str(default)), lo, hi)
+              for var, (default, lo, hi) in _SERVER.items()}
+    host = env.get("HOST", "127.0.0.1").strip()
+    if not host or any(c.isspace() or c in "/[]" for c in host):
+        raise ConfigError(f"HOST must be an address or host name such as 127.0.0.1 or 0.0.0.0, got {host!r}")
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address
+    return {"bind": f"{address}:{values['PORT']}", "workers": values["WEB_CONCURRENCY"],
+            "threads": values["GUNICORN_THREADS"]}
+
+
+if __name__ == "__main__":  # `python config.py PORT`: make run checks its PORT as gunicorn.conf.py does
+    import sys
+    try:
+        server_settings({var: os.environ[var] for var in sys.argv[1:] if var in os.environ})
+    except ConfigError as exc:
+        sys.exit(f"configuration error: {exc}")
