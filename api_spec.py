@@ -5,10 +5,10 @@ import re
 from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from flask import request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from pydantic.json_schema import models_json_schema
 
-from logging_utils import PublicEvent, describe_error
+from logging_utils import SENT_AT_DOC, PublicEvent, describe_error, parse_client_time
 
 _DAYS = re.compile(r"[0-9]{1,2}")
 
@@ -79,8 +79,17 @@ class EventBatch(BaseModel):
     events: Annotated[List[Any], Field(
         min_length=1, json_schema_extra={"items": {"$ref": "#/components/schemas/PublicEvent"}},
         description="1 to MAX_BATCH_EVENTS (default 100) events")]
+    sent_at: Annotated[Optional[StrictStr], Field(default=None, max_length=64, description=SENT_AT_DOC)]
     api_key: Annotated[Optional[str], Field(
         default=None, max_length=1024, description="The API key, when the X-Api-Key header cannot be set")]
+
+    @field_validator("sent_at")
+    @classmethod
+    def _sent_at_is_a_time(cls, value):
+        """ISO 8601 with a zone, as on each event."""
+        if value is not None:
+            parse_client_time(value)
+        return value
 
 
 class BatchAccepted(BaseModel):

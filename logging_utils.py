@@ -6,8 +6,8 @@ import time
 from datetime import datetime
 from typing import Annotated, Dict, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      ValidationError, ValidationInfo, field_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 import telemetry
@@ -38,6 +38,9 @@ MAX_CLIENT_ID = 128
 # The client's clock is believed from 48 hours back (offline queues) to 5 minutes ahead (skew).
 TIMESTAMP_PAST_S = 48 * 3600
 TIMESTAMP_FUTURE_S = 5 * 60
+SENT_AT_DOC = ("When the client sent this request, ISO 8601 with a time zone, by its own clock: the server "
+               "shifts each timestamp by its own clock minus this, as Segment and PostHog do, so a client "
+               "whose clock is wrong still records the right times")
 
 PropertyValue = Union[StrictBool, StrictInt, StrictFloat,
                       Annotated[StrictStr, Field(max_length=MAX_VALUE, pattern=VALUE_PATTERN)], None]
@@ -113,9 +116,12 @@ class PublicEvent(Event):
     event_id: Annotated[Optional[StrictStr], Field(
         default=None, pattern=UUID_PATTERN,
         description="A client-made random (version 4) UUID: a retried send with the same id is stored once")]
+    sent_at: Annotated[Optional[StrictStr], Field(default=None, max_length=64, description=SENT_AT_DOC)]
+    _skew: float = PrivateAttr(default=0.0)  # seconds from the client's clock to the server's (see sent_at)
     timestamp: Annotated[Optional[StrictStr], Field(
         default=None, max_length=64,
-        description="When it happened, ISO 8601 with a time zone; from 48 hours ago to 5 minutes ahead")]
+        description="When it happened, ISO 8601 with a time zone, by the client's clock; once shifted by the "
+                    "clock difference that sent_at shows, from 48 hours ago to 5 minutes ahead of the server")]
     anonymous_id: Annotated[Optional[StrictStr], Field(
         default=None, min_length=1, max_length=MAX_CLIENT_ID, pattern=KEY_PATTERN,
         description="The browser's anonymous visitor id (Application Insights' ai.user.id)")]
@@ -139,26 +145,56 @@ class PublicEvent(Event):
             raise ValueError(HIDDEN_MESSAGE)
         return value
 
+    @field_validator("sent_at")
+    @classmethod
+    def _sent_at_is_a_time(cls, value):
+        """ISO 8601 with a zone (any value of the client's clock: it is what the skew is measured by)."""
+        if value is not None:
+            parse_client_time(value)
+        return value
+
     @field_validator("timestamp")
     @classmethod
     def _timestamp_in_range(cls, value, info: ValidationInfo):
-        """ISO 8601 with a zone, within [now - 48 h, now + 5 min] (`now` from the validation context)."""
+        """ISO 8601 with a zone, within [now - 48 h, now + 5 min] once shifted by the client's clock skew."""
         if value is None:
             return None
-        try:
-            when = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError("must be an ISO 8601 date and time, such as 2026-11-30T09:41:00.000Z") from None
-        if when.tzinfo is None:
-            raise ValueError("must include a time zone (Z or +hh:mm)")
-        now = (info.context or {}).get("now") or time.time()
-        if not now - TIMESTAMP_PAST_S <= when.timestamp() <= now + TIMESTAMP_FUTURE_S:
-            raise ValueError("must be within the last 48 hours and at most 5 minutes ahead of the server's clock")
+        context = info.context or {}
+        now = context.get("now") or time.time()
+        skew = _clock_skew(info.data.get("sent_at") or context.get("sent_at"), now)
+        when = parse_client_time(value).timestamp() + skew
+        if not now - TIMESTAMP_PAST_S <= when <= now + TIMESTAMP_FUTURE_S:
+            raise ValueError("must be within the last 48 hours and at most 5 minutes ahead of the server's clock"
+                             " (after the correction by sent_at, when it is given)")
         return value
 
+    @model_validator(mode="after")
+    def _remember_skew(self, info: ValidationInfo):
+        """Keep the clock skew that sent_at (this event's, or its batch's from the context) shows."""
+        context = info.context or {}
+        self._skew = _clock_skew(self.sent_at or context.get("sent_at"), context.get("now") or time.time())
+        return self
+
     def epoch(self):
-        """The event's time as epoch seconds: the client's timestamp, else None (now)."""
-        return datetime.fromisoformat(self.timestamp).timestamp() if self.timestamp else None
+        """The event's time as epoch seconds by the server's clock: the client's timestamp shifted by its skew,
+        else None (now)."""
+        return parse_client_time(self.timestamp).timestamp() + self._skew if self.timestamp else None
+
+
+def parse_client_time(value):
+    """The aware datetime of an ISO 8601 date and time with a zone; ValueError (for a 422) otherwise."""
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 date and time, such as 2026-11-30T09:41:00.000Z") from None
+    if when.tzinfo is None:
+        raise ValueError("must include a time zone (Z or +hh:mm)")
+    return when
+
+
+def _clock_skew(sent_at, now):
+    """Seconds to add to a time of the client's clock to get the server's: now - sent_at (0 without sent_at)."""
+    return now - datetime.fromisoformat(sent_at).timestamp() if sent_at else 0.0
 
 
 class SingleEvent(PublicEvent):

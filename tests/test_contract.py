@@ -37,13 +37,15 @@ def contract_schema(contract_app):
 
 def _current_timestamps(body):
     """A schema-valid timestamp may lie outside the window that only the server's clock defines
-    (48 hours back, 5 minutes ahead): every generated timestamp within the schema's length becomes
-    "now", nothing else changes (a too-long one stays, for the negative cases)."""
+    (48 hours back, 5 minutes ahead), and the schema cannot say that sent_at is a date: every generated
+    timestamp and sent_at within the schema's length becomes "now", nothing else changes (a too-long
+    one stays, for the negative cases)."""
     now = datetime.now(timezone.utc).isoformat()
-    items = body.get("events") if isinstance(body.get("events"), list) else [body]
-    for item in items:
-        if isinstance(item, dict) and isinstance(item.get("timestamp"), str) and len(item["timestamp"]) <= 64:
-            item["timestamp"] = now
+    items = body.get("events") if isinstance(body.get("events"), list) else []
+    for item in [body] + items:
+        for key in ("timestamp", "sent_at"):
+            if isinstance(item, dict) and isinstance(item.get(key), str) and len(item[key]) <= 64:
+                item[key] = now
 
 
 @schema.parametrize()

@@ -9,11 +9,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import requests
 
+from app import create_app
+from fake_ingestion import FakeIngestion
 from local_store.connection import connect
 from local_store.queries import raw_usage_rows, rollup_usage_rows
 from local_store.rows import utc_day
-from app import create_app
-from fake_ingestion import FakeIngestion
 from telemetry import monitor_of
 
 KEY = "browser-key-1"
@@ -177,6 +177,40 @@ def test_timestamp_bounds_and_the_stored_time(keyed):
     assert stored["past"]["ts"] == pytest.approx(accepted["past"].timestamp(), abs=1e-3)
     assert stored["past"]["day"] == accepted["past"].strftime("%Y-%m-%d"), "an offline event lands on its own day"
     assert stored["offset"]["ts"] == pytest.approx(now.timestamp(), abs=1e-3)
+
+
+@pytest.mark.parametrize("clock_error", [timedelta(hours=1), -timedelta(hours=1), timedelta(days=3)])
+def test_sent_at_corrects_a_client_clock_that_is_wrong(keyed, clock_error):
+    """Segment's and PostHog's rule: each timestamp is shifted by the server's clock minus the client's sent_at."""
+    client = keyed.test_client()
+    now = datetime.now(timezone.utc)
+    browser = now + clock_error  # what the wrong clock reads now
+    happened = {"single": timedelta(minutes=10), "first": timedelta(hours=30), "second": timedelta(seconds=5)}
+    response = client.post("/event", json={"event_name": "single", "api_key": KEY, "sent_at": _iso(browser),
+                                           "timestamp": _iso(browser - happened["single"])})
+    assert response.status_code == 202, response.get_json()
+    batch = {"api_key": KEY, "sent_at": _iso(browser), "events": [
+        {"event_name": "first", "timestamp": _iso(browser - happened["first"])},
+        {"event_name": "second", "timestamp": _iso(browser - happened["second"])}]}
+    response = client.post("/events", json=batch)
+    assert response.status_code == 202 and response.get_json()["accepted"] == 2, response.get_json()
+    stored = {e["name"]: e["ts"] for e in _events(keyed)}
+    for name, ago in happened.items():  # within the time the request took
+        assert stored[name] == pytest.approx((now - ago).timestamp(), abs=2.0), name
+    # Without sent_at, the same wrong clock is refused beyond the window (or believed within it).
+    response = client.post("/event", json={"event_name": "x", "api_key": KEY, "timestamp": _iso(browser)})
+    assert response.status_code == (202 if clock_error < timedelta(0) else 422)
+
+
+def test_a_malformed_sent_at_is_a_422_naming_it(keyed):
+    client = keyed.test_client()
+    for bad in ("yesterday", "2026-12-04T10:00:00", 12):
+        for path, body in (("/event", {"event_name": "x", "sent_at": bad}),
+                           ("/events", {"events": [{"event_name": "x"}], "sent_at": bad}),
+                           ("/events", {"events": [{"event_name": "x", "sent_at": bad}]})):
+            response = client.post(path, json=dict(body, api_key=KEY))
+            assert response.status_code == 422, (path, bad)
+            assert response.get_json()["error"]["field"] in ("sent_at", "events[0].sent_at"), response.get_json()
 
 
 def test_anonymous_visitors_and_sessions_are_counted(keyed):
