@@ -27,6 +27,7 @@ class Settings:
     usage_cache_ttl: float = 60.0
     usage_query_timeout: float = 30.0
     usage_top: int = 10
+    usage_ikey: str = ""  # whose telemetry the Azure queries count; default: the connection string's key
     max_event_bytes: int = 64 * 1024
     max_batch_events: int = 100
     max_batch_bytes: int = 512 * 1024
@@ -128,7 +129,10 @@ def load_settings(instance_path, config=None, environ=None):
         settings = replace(settings, telemetry_storage=os.path.join(instance_path, "outbox"))
     if settings.applicationinsights_connection_string:
         ikey, endpoint = parse_connection_string(settings.applicationinsights_connection_string)
-        settings = replace(settings, instrumentation_key=ikey, ingestion_endpoint=endpoint)
+        settings = replace(settings, instrumentation_key=ikey, ingestion_endpoint=endpoint,
+                           usage_ikey=(settings.usage_ikey or ikey).lower())
+    if settings.usage_ikey:
+        _require_uuid("USAGE_IKEY", settings.usage_ikey)
     settings = replace(settings, log_level=_require_level("LOG_LEVEL", settings.log_level),
                        trace_log_level=_require_level("TRACE_LOG_LEVEL", settings.trace_log_level))
     settings = replace(settings, redact_keys=tuple(k.lower() for k in settings.redact_keys))
