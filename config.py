@@ -139,6 +139,8 @@ def load_settings(instance_path, config=None, environ=None):
     if settings.trace_sampling.lower() not in ("adaptive", "fixed"):
         raise ConfigError(f"TRACE_SAMPLING must be adaptive or fixed, got {settings.trace_sampling!r}")
     settings = replace(settings, trace_sampling=settings.trace_sampling.lower())
+    settings = replace(settings, trace_sampling_rate=_require_whole_fraction(
+        "TRACE_SAMPLING_RATE", settings.trace_sampling_rate))
     for var in ("event_rate_limit", "dashboard_rate_limit"):
         _require_limit(var.upper(), getattr(settings, var))
     if settings.mode == "azure" and settings.dashboard_auth and not settings.dashboard_token:
@@ -197,6 +199,14 @@ def _require_limit(var, value):
         parse_many(value)
     except ValueError:
         raise ConfigError(f"{var} must be a rate limit such as '600 per minute', got {value!r}") from None
+
+
+def _require_whole_fraction(var, value):
+    """1/N for a whole N when value is within 0.02 % of it (sampleRate 100/N, all Application Insights supports), 0 as is."""
+    n = round(1 / value) if value > 0 else 0
+    if value and not abs(value * n - 1) <= 2e-4:
+        raise ConfigError(f"{var} must be 1/N for a whole N (1, 0.5, 0.3333, 0.25, 0.2, ...) or 0, got {value!r}")
+    return 1 / n if n else 0.0
 
 
 def _require_uuid(var, value):
