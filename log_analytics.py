@@ -107,15 +107,18 @@ _ERROR_MAP = {status: HttpResponseError for status in range(400, 600)}
 # datetime(...) literals built by _kql_datetime, {top} is a validated int and {scope} is empty
 # or a filter on a validated instrumentation key (_scope_filter).
 # Evt keeps one row per event_id (the first copy): a batch re-sent after a crash, a client's retry
-# or two tabs sending the same event are counted once, as the local store counts them.
+# or two tabs sending the same event are counted once, as the local store counts them.  It keeps
+# only the columns the sections read and is materialized: nine sections read it, and Kusto would
+# otherwise evaluate the de-duplication once per reference.
 _QUERY_TEMPLATE = """\
 let Req = AppRequests
     | where TimeGenerated between ({start} .. {end}){scope};
 let Dep = AppDependencies
     | where TimeGenerated between ({start} .. {end}){scope};
-let Evt = AppEvents
+let Evt = materialize(AppEvents
     | where TimeGenerated between ({start} .. {end}){scope}
-    | summarize arg_min(TimeGenerated, *) by EventId = tostring(Properties.event_id);
+    | summarize arg_min(TimeGenerated, Name, ItemCount, UserAuthenticatedId, UserId, SessionId, Properties)
+        by EventId = tostring(Properties.event_id));
 union
 (Req
     | summarize n = sum(ItemCount), f = sumif(ItemCount, Success == false),
