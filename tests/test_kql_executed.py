@@ -10,9 +10,9 @@ these cardinalities (dcount is an estimate in Kusto, exact here; percentilew an 
 exact here: see kql_duckdb.py).
 """
 import json
-import time
 import types
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -20,14 +20,14 @@ import appinsights_tables
 import kql_duckdb
 from app import create_app
 from fake_ingestion import IKEY, FakeIngestion
-from log_analytics import COLUMNS, _table_rows, usage_query
+from log_analytics import _table_rows, usage_query
 from monitoring_utils import build_usage, usage_window
 from telemetry import DependencyRecord, EventRecord, RequestRecord, monitor_of
 
 OTHER_IKEY = "99999999-8888-7777-6666-555555555555"
 DAYS = 3
 DURATIONS = (5.0, 12.0, 30.0, 75.0, 180.0, 450.0)  # one distinct value per histogram bucket: local percentiles are exact
-WORKBOOK = appinsights_tables.Path(__file__).resolve().parent.parent / "workbooks" / "usage.workbook.json"
+WORKBOOK = Path(__file__).resolve().parent.parent / "workbooks" / "usage.workbook.json"
 
 
 # -- traffic ---------------------------------------------------------------------------------
