@@ -389,7 +389,7 @@ class AzureSink:
 
     def _sampled(self, operation_id):
         """The kept fraction of this operation, or None when it is dropped; its request and dependencies agree."""
-        return self._sampler.decide(operation_id or _ZERO_TRACE)
+        return self._sampler.decide(operation_id)  # none: decided alone, at the current rate
 
     def track_request(self, rec):
         """Record the response-time metric and queue the request (RequestData) unless it is sampled out."""

@@ -29,6 +29,7 @@ class Settings:
     usage_cache_ttl: float = 60.0
     usage_query_timeout: float = 30.0
     usage_top: int = 10
+    usage_ikey: str = ""  # whose telemetry the Azure queries count; default: the connection string's key
     max_event_bytes: int = 64 * 1024
     max_batch_events: int = 100
     max_batch_bytes: int = 512 * 1024
@@ -136,13 +137,18 @@ def load_settings(instance_path, config=None, environ=None):
         settings = replace(settings, telemetry_storage=os.path.join(instance_path, "outbox"))
     if settings.applicationinsights_connection_string:
         ikey, endpoint = parse_connection_string(settings.applicationinsights_connection_string)
-        settings = replace(settings, instrumentation_key=ikey, ingestion_endpoint=endpoint)
+        settings = replace(settings, instrumentation_key=ikey, ingestion_endpoint=endpoint,
+                           usage_ikey=(settings.usage_ikey or ikey).lower())
+    if settings.usage_ikey:
+        _require_uuid("USAGE_IKEY", settings.usage_ikey)
     settings = replace(settings, log_level=_require_level("LOG_LEVEL", settings.log_level),
                        trace_log_level=_require_level("TRACE_LOG_LEVEL", settings.trace_log_level))
     settings = replace(settings, redact_keys=tuple(k.lower() for k in settings.redact_keys))
     if settings.trace_sampling.lower() not in ("adaptive", "fixed"):
         raise ConfigError(f"TRACE_SAMPLING must be adaptive or fixed, got {settings.trace_sampling!r}")
     settings = replace(settings, trace_sampling=settings.trace_sampling.lower())
+    settings = replace(settings, trace_sampling_rate=_require_whole_fraction(
+        "TRACE_SAMPLING_RATE", settings.trace_sampling_rate))
     for var in ("event_rate_limit", "dashboard_rate_limit"):
         _require_limit(var.upper(), getattr(settings, var))
     _require_limit_store("RATE_LIMIT_STORAGE_URI", settings.rate_limit_storage_uri)
@@ -224,6 +230,14 @@ def _require_limit_store(var, uri):
     for name in needed:
         if importlib.util.find_spec(name) is None:
             raise ConfigError(f"{var} uses {parsed.scheme}://, which needs the Python package {name} (pip install {name})")
+
+
+def _require_whole_fraction(var, value):
+    """1/N for a whole N when value is within 0.02 % of it (sampleRate 100/N, all Application Insights supports), 0 as is."""
+    n = round(1 / value) if value > 0 else 0
+    if value and not abs(value * n - 1) <= 2e-4:
+        raise ConfigError(f"{var} must be 1/N for a whole N (1, 0.5, 0.3333, 0.25, 0.2, ...) or 0, got {value!r}")
+    return 1 / n if n else 0.0
 
 
 def _require_uuid(var, value):

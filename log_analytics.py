@@ -31,6 +31,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -103,14 +104,21 @@ _READ_GRACE = 5.0  # seconds of HTTP read timeout beyond the server-side query t
 _ERROR_MAP = {status: HttpResponseError for status in range(400, 600)}
 
 # The query template.  Only server-formatted values are substituted: {start}/{end} are
-# datetime(...) literals built by _kql_datetime and {top} is a validated int.
+# datetime(...) literals built by _kql_datetime, {top} is a validated int and {scope} is empty
+# or a filter on a validated instrumentation key (_scope_filter).
+# Evt keeps one row per event_id (the first copy): a batch re-sent after a crash, a client's retry
+# or two tabs sending the same event are counted once, as the local store counts them.  It keeps
+# only the columns the sections read and is materialized: nine sections read it, and Kusto would
+# otherwise evaluate the de-duplication once per reference.
 _QUERY_TEMPLATE = """\
 let Req = AppRequests
-    | where TimeGenerated between ({start} .. {end});
+    | where TimeGenerated between ({start} .. {end}){scope};
 let Dep = AppDependencies
-    | where TimeGenerated between ({start} .. {end});
-let Evt = AppEvents
-    | where TimeGenerated between ({start} .. {end});
+    | where TimeGenerated between ({start} .. {end}){scope};
+let Evt = materialize(AppEvents
+    | where TimeGenerated between ({start} .. {end}){scope}
+    | summarize arg_min(TimeGenerated, Name, ItemCount, UserAuthenticatedId, UserId, SessionId, Properties)
+        by EventId = tostring(Properties.event_id));
 union
 (Req
     | summarize n = sum(ItemCount), f = sumif(ItemCount, Success == false),
@@ -233,11 +241,24 @@ def _check_top(top: int) -> int:
     return top
 
 
-def usage_query(start: datetime, end: datetime, top: int = 10) -> str:
-    """Return the KQL text of the single usage query over [start, end] (see COLUMNS and SECTIONS)."""
+def _scope_filter(ikey: str | None) -> str:
+    """The KQL filter that keeps one Application Insights resource's rows (by its IKey), or '' for none."""
+    if ikey is None:
+        return ""
+    try:
+        key = str(uuid.UUID(ikey))
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError("ikey must be an instrumentation key (a GUID)") from None
+    return f'\n    | where IKey =~ "{key}"'
+
+
+def usage_query(start: datetime, end: datetime, top: int = 10, ikey: str | None = None) -> str:
+    """Return the KQL text of the single usage query over [start, end] (see COLUMNS and SECTIONS),
+    scoped to the rows of instrumentation key ``ikey`` unless it is None (the whole workspace)."""
     start_utc, end_utc = _window(start, end)
     return _QUERY_TEMPLATE.format(
-        start=_kql_datetime(start_utc), end=_kql_datetime(end_utc), top=_check_top(top)
+        start=_kql_datetime(start_utc), end=_kql_datetime(end_utc), top=_check_top(top),
+        scope=_scope_filter(ikey),
     )
 
 
@@ -401,6 +422,7 @@ class LogAnalyticsUsageSource:
         cache_ttl: float = 60.0,
         timeout: float = 30.0,
         top: int = 10,
+        ikey: str | None = None,
         endpoint: str | None = None,
         client_kwargs: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -410,6 +432,7 @@ class LogAnalyticsUsageSource:
         ``timeout`` is the server-side query timeout (Prefer: wait=N) and, plus a few seconds of
         grace, the HTTP read timeout of each attempt.  ``client_kwargs`` go to LogsQueryClient
         (``retry_*`` keys configure its retry policy; tests use them, and ``transport``).
+        ``ikey`` scopes the query to one instrumentation key's rows (None: the whole workspace).
         ``clock`` is the monotonic clock of the cache (injectable for tests).
         """
         if not isinstance(workspace_id, str) or not workspace_id.strip():
@@ -425,6 +448,8 @@ class LogAnalyticsUsageSource:
         self._cache_ttl = float(cache_ttl)
         self._timeout = float(timeout)
         self._top = _check_top(top)
+        _scope_filter(ikey)  # validated now, not at the first query
+        self._ikey = ikey
         self._endpoint = endpoint
         self._client_kwargs = dict(client_kwargs or {})
         self._clock = clock
@@ -530,7 +555,7 @@ class LogAnalyticsUsageSource:
 
     def _query(self, start: datetime, end: datetime) -> list[dict[str, Any]]:
         """Run the usage query once (with the client's retries) and return its rows."""
-        query = usage_query(start, end, self._top)
+        query = usage_query(start, end, self._top, self._ikey)
         client = self._get_client()
         try:
             result = client.query_workspace(

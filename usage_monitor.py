@@ -89,7 +89,8 @@ class UsageMonitor:
             credential = DefaultAzureCredential()
         return LogAnalyticsUsageSource(
             settings.log_analytics_workspace_id, credential,
-            cache_ttl=settings.usage_cache_ttl, timeout=settings.usage_query_timeout, top=settings.usage_top)
+            cache_ttl=settings.usage_cache_ttl, timeout=settings.usage_query_timeout, top=settings.usage_top,
+            ikey=settings.usage_ikey or None)
 
     @staticmethod
     def _setup_hooks(app):

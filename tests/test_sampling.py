@@ -7,7 +7,7 @@ import requests
 from app import create_app
 from config import ConfigError
 from fake_ingestion import FakeIngestion
-from sampling import Sampler
+from sampling import Sampler, keep_one_in
 from telemetry import monitor_of
 
 
@@ -76,12 +76,12 @@ def test_an_operation_keeps_its_first_decision_and_rate():
     clock = Clock()
     sampler = Sampler("adaptive", target_per_s=1, interval_s=1, clock=clock)
     first = sampler.decide("ffffffff" + "0" * 24)   # the highest score: dropped as soon as the rate drops
-    kept = sampler.decide("00000000" + "0" * 24)    # the lowest: always kept
+    kept = sampler.decide("00000001" + "0" * 24)    # nearly the lowest: always kept
     assert first == 1.0 and kept == 1.0
     _offer(sampler, clock, 50, 3)                   # the rate drops meanwhile
     assert sampler.rate < 1
     assert sampler.decide("ffffffff" + "0" * 24) == 1.0, "its dependencies follow the request's decision"
-    assert sampler.decide("00000000" + "0" * 24) == 1.0
+    assert sampler.decide("00000001" + "0" * 24) == 1.0
     assert sampler.decide("fffffffe" + "0" * 24) is None
 
 
@@ -138,3 +138,68 @@ def test_adaptive_sampling_at_the_wire(tmp_path, backend):
     finally:
         monitor_of(application).close()
         fake.stop()
+
+
+# -- counting right: the rate of items outside an operation, 1/N rates, the smallest N --------------
+
+def test_dependencies_outside_a_request_get_the_current_rate():
+    """They have no trace id (or the all-zero one): each is decided alone, never with an old decision's rate."""
+    clock = Clock()
+    sampler = Sampler("adaptive", target_per_s=1, interval_s=1, clock=clock)
+    _offer(sampler, clock, 121, 2)                  # busy: about 1 in 121
+    assert sampler.rate < 1 / 100
+    early = [(sampler.decide(op), sampler.rate) for op in ("", "0" * 32) for _ in range(2000)]
+    kept = [(r, current) for r, current in early if r is not None]
+    assert all(r == current < 1 / 100 for r, current in kept) and 0 < len(kept) < 100  # about 33 of 4,000
+    for _ in range(30):                              # quiet again: everything is kept
+        _offer(sampler, clock, 1, 1)
+    assert sampler.rate == 1.0
+    later = [sampler.decide(op) for op in ("", "0" * 32, None, "", "0" * 32)]
+    assert later == [1.0] * 5 and sum(1 / r for r in later) == 5  # 5 calls count 5 (they counted 605)
+
+
+@pytest.mark.parametrize("per_second, target, n", [
+    (3.5, 0.7, 5), (10.5, 0.3, 35), (187.29, 20.81, 9), (649.298, 24.973, 26), (100, 5, 20), (101, 5, 21),
+    (5, 5, 1), (4, 5, 1), (5.01, 5, 2), (0, 5, 1), (1e9, 1, 1000),
+])
+def test_adaptive_n_is_the_smallest_that_meets_the_target(per_second, target, n):
+    assert keep_one_in(per_second, target) == n
+
+
+def test_adaptive_n_is_the_smallest_that_meets_the_target_for_any_rate():
+    rng = random.Random(7)
+    for _ in range(20000):
+        target = rng.choice([0.1, 0.3, 0.7, 5.0, round(rng.uniform(0.01, 50), 3) or 0.01])
+        per_second = target * rng.randint(1, 900) + rng.choice([0.0, 1e-9, -1e-9, rng.uniform(-1, 1)])
+        n = keep_one_in(per_second, target)
+        assert per_second / n <= target and (n == 1 or per_second / (n - 1) > target), (per_second, target, n)
+
+
+def test_the_sampler_adapts_to_the_smallest_n():
+    clock = Clock()
+    sampler = Sampler("adaptive", target_per_s=0.7, interval_s=15, clock=clock)
+    for operation_id in _ids(6):
+        sampler.decide(operation_id)
+    clock.now += 2.0
+    sampler.decide(_ids(1)[0])                       # 7 in 2 s, 3.5/s: 1 in 5 meets 0.7/s (3.5 // 0.7 made it 1 in 6)
+    assert sampler.rate == 1 / 5
+
+
+@pytest.mark.parametrize("value, rate", [("1", 1.0), ("0.5", 0.5), ("0.3333", 1 / 3), ("0.333333", 1 / 3),
+                                         ("0.25", 0.25), ("0.2", 0.2), ("0.1", 0.1), ("0.01", 0.01), ("0", 0.0)])
+def test_fixed_rates_are_one_in_n(tmp_path, value, rate):
+    application = create_app({"TESTING": True, "TELEMETRY_DB": str(tmp_path / "t.db"), "TRACE_SAMPLING": "fixed",
+                              "TRACE_SAMPLING_RATE": value})
+    assert monitor_of(application).settings.trace_sampling_rate == rate
+    if rate:
+        assert round(100 / (rate * 100.0)) == round(1 / rate)  # ItemCount = 100 / sampleRate, a whole number
+    monitor_of(application).close()
+
+
+@pytest.mark.parametrize("value", ["0.3", "0.4", "0.6", "0.75", "0.15", "0.0015"])
+def test_other_fixed_rates_are_refused_at_start_naming_the_variable(tmp_path, value):
+    with pytest.raises(ConfigError, match="TRACE_SAMPLING_RATE must be 1/N"):
+        create_app({"TESTING": True, "TELEMETRY_DB": str(tmp_path / "t.db"), "TRACE_SAMPLING": "fixed",
+                    "TRACE_SAMPLING_RATE": value})
+    with pytest.raises(ValueError):
+        Sampler("fixed", rate=float(value))

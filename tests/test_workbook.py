@@ -15,6 +15,7 @@ from kql_check import kql_errors
 WORKBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workbooks",
                         "usage.workbook.json")
 RESOURCE_TYPE = "microsoft.operationalinsights/workspaces"  # the App* tables live in the workspace
+IKEY = "11111111-2222-3333-4444-555555555555"
 TIME_RANGES = ("> ago(1d)", "between (datetime(2026-11-01T00:00:00Z) .. datetime(2026-11-08T00:00:00Z))")
 
 # item name -> (visualization, text each query must contain)
@@ -66,6 +67,8 @@ def test_it_is_a_gallery_template_with_a_time_range(workbook):
     assert time_range["type"] == 4 and time_range["isRequired"] is True
     assert time_range["value"] == {"durationMs": 30 * 86400 * 1000}  # the dashboard's default, 30 days
     assert {"durationMs": 90 * 86400 * 1000} in time_range["typeSettings"]["selectableValues"]
+    (ikey,) = [p for p in parameter_items[0]["content"]["parameters"] if p["name"] == "IKey"]
+    assert ikey["type"] == 1 and ikey["isRequired"] is True  # text: the application's instrumentation key
 
 
 def test_every_section_of_the_dashboard_is_there(workbook):
@@ -91,20 +94,24 @@ def test_every_section_of_the_dashboard_is_there(workbook):
     assert (tiles["titleContent"]["columnMatch"], tiles["leftContent"]["columnMatch"]) == ("Figure", "Value")
 
 
-def test_every_query_filters_on_the_time_range_parameter(workbook):
+def test_every_query_filters_on_the_time_range_and_the_application(workbook):
     for name, content in _queries(workbook).items():
         query = content["query"]
         tables = re.findall(r"\b(App[A-Za-z]+)\b", query)
         assert tables, name
-        # Each table read is followed by the workbook's time filter.
-        assert query.count("| where TimeGenerated {TimeRange}") == len(tables), name
-        assert set(re.findall(r"\{[^}]*\}", query)) == {"{TimeRange}"}, name  # no other placeholder
+        # Each table read is followed by the workbook's time filter and the application's key.
+        reads = re.findall(r"\bApp[A-Za-z]+\s*\|\s*where TimeGenerated \{TimeRange\}\s*\|\s*where IKey =~ \"\{IKey\}\"", query)
+        assert len(reads) == len(tables), name
+        assert set(re.findall(r"\{[^}]*\}", query)) == {"{TimeRange}", "{IKey}"}, name  # no other placeholder
+        # Events are counted once per event_id, as the dashboard counts them.
+        assert query.count("summarize arg_min(TimeGenerated, *) by EventId = tostring(Properties.event_id)") == \
+            tables.count("AppEvents"), name
 
 
 @pytest.mark.parametrize("time_range", TIME_RANGES)
 def test_every_query_is_valid_kql(workbook, time_range):
     queries = _queries(workbook)
-    texts = [content["query"].replace("{TimeRange}", time_range) for content in queries.values()]
+    texts = [content["query"].replace("{TimeRange}", time_range).replace("{IKey}", IKEY) for content in queries.values()]
     errors = dict(zip(queries, kql_errors(texts)))
     assert errors == {name: [] for name in queries}
 
