@@ -36,7 +36,7 @@ class UsageMonitor:
         self.routes = routes
         self.credential = credential
         self.app = None
-        self.settings = self.sink = self.source = self.limiter = None
+        self.settings = self.sink = self.source = self.limiter = self.limit_store = None
         self.source_name = ""
         self.failures = collections.Counter()
         self._rate_limits = {}
@@ -57,7 +57,7 @@ class UsageMonitor:
         self.app = app
         self._setup_sink()
         self._setup_hooks(app)
-        self.limiter, self._rate_limits = security.init_app(app, self.settings)
+        self.limiter, self._rate_limits, self.limit_store = security.init_app(app, self.settings)
         install_trace_forwarder(self.settings.trace_log_level)
         if self.routes:
             views.init_app(app)
@@ -189,10 +189,13 @@ class UsageMonitor:
         return report
 
     def problems(self):
-        """What is wrong now, in short sentences: the sink's own problems (this process) and a nearly full disk."""
+        """What is wrong now, in short sentences: the sink (this process), the rate-limit store and the disk."""
         found = []
         if self._pid == os.getpid():
             found += self.sink.problems(self.settings.health_ingestion_grace)
+        limit_store = self.limit_store.problem() if self.limit_store is not None else None
+        if limit_store:
+            found.append(limit_store)
         disk = self.disk()
         if disk["free_mb"] is not None and disk["free_mb"] < self.settings.health_min_free_mb:
             found.append(f"disk nearly full: {disk['free_mb']:.0f} MB free at {disk['path']} "
