@@ -206,6 +206,8 @@ class UsageMonitor:
         limit_store = self.limit_store.problem() if self.limit_store is not None else None
         if limit_store:
             found.append(limit_store)
+        if isinstance(self.source, LogAnalyticsUsageSource):
+            found += self.source.problems()
         disk = self.disk()
         if disk["free_mb"] is not None and disk["free_mb"] < self.settings.health_min_free_mb:
             found.append(f"disk nearly full: {disk['free_mb']:.0f} MB free at {disk['path']} "
