@@ -80,11 +80,28 @@ def public_uri(uri):
 
 
 class _LimiterNoise(logging.Filter):
-    """Drops flask-limiter's own fallback and recovery lines: LimitStore logs each outage once, with its cause."""
+    """Drops flask-limiter's own lines about the store being down or back: LimitStore logs each outage once.
+
+    That includes the traceback of a request that was already talking to the store when another
+    thread switched to memory (flask-limiter swallows the store's error and lets that request through).
+    """
 
     def filter(self, record):
         message = record.getMessage()
-        return not (message.startswith("Rate limit storage unreachable") or message == "Rate limit storage recovered")
+        if message.startswith("Rate limit storage unreachable") or message == "Rate limit storage recovered":
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        return not (message.endswith("Swallowing error") and isinstance(error, _store_errors()))
+
+
+@functools.lru_cache(maxsize=1)
+def _store_errors():
+    """The exceptions of an unreachable or failing store (redis-py's own, and the socket's)."""
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:
+        return (OSError,)
+    return (RedisError, OSError)
 
 
 _limiter_noise = _LimiterNoise()

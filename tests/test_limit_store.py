@@ -4,6 +4,7 @@ while it is down, one log line per outage and one when it ends, and a hung store
 import logging
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -149,6 +150,30 @@ def test_a_hung_store_costs_a_request_about_a_second(redis_server, make_limited_
     assert _health(client)[0] == []
     assert _post(client)[0] == 202
     assert _outage_lines(caplog) == (1, 1)
+    _no_tracebacks(caplog)
+
+
+def test_concurrent_requests_as_the_store_hangs_log_one_line_and_no_traceback(redis_server, make_limited_app,
+                                                                              caplog):
+    caplog.set_level(logging.INFO)
+    redis_server.start()
+    application = make_limited_app(redis_server.port)
+    assert _post(application.test_client())[0] == 202
+    redis_server.pause()
+    results = []
+
+    def post_three():
+        client = application.test_client()
+        results.extend(_post(client) for _ in range(3))
+
+    threads = [threading.Thread(target=post_three) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [status for status, _ in results] == [202] * 24
+    assert max(elapsed for _, elapsed in results) < REQUEST_BOUND
+    assert _outage_lines(caplog) == (1, 0)
     _no_tracebacks(caplog)
 
 
