@@ -194,3 +194,16 @@ def test_unreachable_at_start_then_started(redis_server, make_limited_app, caplo
 def test_a_memory_store_has_no_store_problem(app, client):
     assert monitor_of(app).limit_store.problem() is None
     assert client.get("/healthz").status_code == 200
+
+
+def test_the_store_is_named_without_its_password(redis_server, tmp_path):
+    application = create_app({"TESTING": True, "TELEMETRY_DB": str(tmp_path / "t.db"), "RATE_LIMIT_ENABLED": "true",
+                              "RATE_LIMIT_STORAGE_URI": f"redis://:s3cret@127.0.0.1:{redis_server.port}/0"})
+    try:
+        response = application.test_client().get("/healthz")
+        assert response.status_code == 503
+        assert f"rate-limit store redis://127.0.0.1:{redis_server.port}/0 unreachable" in response.get_json()[
+            "problems"][0]
+        assert "s3cret" not in response.get_data(as_text=True)
+    finally:
+        monitor_of(application).close()
