@@ -12,17 +12,20 @@ Design notes
   midnight ``days - 1`` days ago until now, changes key once an hour: one extra query per hour.)
 * Single flight: on a miss, one caller (the leader) runs the query; concurrent callers for the
   same key wait for the leader's rows or error instead of sending their own query.
-* Errors are not cached: the next call after a failure queries again.  The one exception is
-  throttling: after a 429 carrying Retry-After, calls within that delay (capped at
-  ``_MAX_THROTTLE_HOLD`` seconds) fail fast with the same 503 instead of hammering the
-  workspace.  Cached rows are still served while throttled.
-* Partial results (HTTP 200 with an "error" object beside "tables") are rejected with 502: a
-  partial usage report would silently undercount, which is worse than an explicit error.
+* Errors are not cached: the next call after a failure queries again.  The exceptions are
+  holds: after a 429 or a 503, calls within its Retry-After (``_DEFAULT_THROTTLE_HOLD`` seconds
+  when it gave none; capped at ``_MAX_THROTTLE_HOLD``) fail fast with the same 503 instead of
+  hammering the workspace, and after a partial result calls within ``_PARTIAL_HOLD`` seconds get
+  the same 502.  Cached rows are still served meanwhile.  Holds use the injectable clock.
+* Partial results (HTTP 200 with an "error" object beside "tables") are rejected with 502 naming
+  the upstream's error code and message: a partial usage report would silently undercount, which
+  is worse than an explicit error.
 * Retries: azure-core retries POSTs only on 500/503/504 and on any status carrying
   Retry-After, sleeping for the whole Retry-After.  A web request should not sleep through a
-  throttle, so the client's retry policy here never retries a 4xx (429 included) nor a
-  Retry-After longer than ``_MAX_RETRY_AFTER_WAIT``, and does at most ``retry_total``
-  (default 2) retries of 500/503/504.
+  throttle, so the client's retry policy here never retries a 4xx (429 included), does at most
+  ``retry_total`` (default 2) retries of 500/503/504, and sleeps at most
+  ``_MAX_RETRY_WAIT`` seconds in all between the attempts of one query (a retry whose wait
+  would not fit is not made).
 """
 
 from __future__ import annotations
@@ -95,8 +98,11 @@ SECTIONS: tuple[str, ...] = (
 
 _MAX_TOP = 1000
 _DEFAULT_RETRY = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 4}
-_MAX_RETRY_AFTER_WAIT = 5.0  # seconds the SDK may sleep on a Retry-After before retrying
-_MAX_THROTTLE_HOLD = 60.0  # seconds we keep failing fast after a 429
+_MAX_RETRY_WAIT = 3.0  # seconds one query may sleep in all between its attempts (Retry-After or back-off)
+_MAX_THROTTLE_HOLD = 60.0  # seconds we keep failing fast after a 429 or 503
+_DEFAULT_THROTTLE_HOLD = 30  # seconds held after a 429 or 503 that gave no Retry-After
+_PARTIAL_HOLD = 10  # seconds a partial result is answered again without querying
+_MAX_UPSTREAM_TEXT = 300  # characters of an upstream error message we pass on
 _READ_GRACE = 5.0  # seconds of HTTP read timeout beyond the server-side query timeout
 # Per-call error_map for the generated client: without it, an error response whose body is not
 # JSON (e.g. a gateway's HTML 502/503 page) fails in response.json() with a bare ValueError and
@@ -280,17 +286,32 @@ class UsageQueryError(Exception):
 
 
 class _DashboardRetryPolicy(RetryPolicy):
-    """azure-core RetryPolicy that retries only 5xx and never sleeps through a long Retry-After."""
+    """azure-core RetryPolicy that retries only 5xx, sleeping at most _MAX_RETRY_WAIT seconds in all per query."""
 
     def is_retry(self, settings, response):  # noqa: D102 - see class docstring
         # The base policy retries *any* status carrying Retry-After (429, even 400), sleeping the
         # full delay each time; a dashboard request answers 503 + Retry-After instead.
         if response.http_response.status_code < 500:
             return False
-        retry_after = self.get_retry_after(response)
-        if retry_after is not None and retry_after > _MAX_RETRY_AFTER_WAIT:
+        if self._wait(settings, response) > _MAX_RETRY_WAIT - settings.get("waited", 0.0):
             return False
         return super().is_retry(settings, response)
+
+    def _wait(self, settings, response=None, after_increment=False):
+        """The sleep before the next attempt: the Retry-After, else the back-off."""
+        retry_after = self.get_retry_after(response) if response is not None else None
+        if retry_after:
+            return retry_after
+        if after_increment:
+            return self.get_backoff_time(settings)
+        return self.get_backoff_time({**settings, "history": [*settings["history"], None]})
+
+    def sleep(self, settings, transport, response=None):  # noqa: D102 - see class docstring
+        wait = min(self._wait(settings, response, after_increment=True),
+                   max(0.0, _MAX_RETRY_WAIT - settings.get("waited", 0.0)))
+        settings["waited"] = settings.get("waited", 0.0) + wait
+        if wait > 0:
+            transport.sleep(wait)
 
 
 def _retry_after_seconds(headers: Mapping[str, str] | None) -> int | None:
@@ -336,23 +357,51 @@ def _from_http_error(err: HttpResponseError) -> UsageQueryError:
     code = _error_code(err)
     detail = f"HTTP {status}" + (f", {code}" if code else "")
     response = getattr(err, "response", None)
+    retry_after = _retry_after_seconds(getattr(response, "headers", None))
+    if status in (429, 503) and retry_after is None:
+        retry_after = _DEFAULT_THROTTLE_HOLD  # held that long (see _hold_seconds): the client waits as much
     if status == 429:
-        retry_after = _retry_after_seconds(getattr(response, "headers", None))
         return UsageQueryError(f"Log Analytics is throttling queries ({detail})", 503, retry_after)
     if status >= 500 or status == 408:
-        retry_after = _retry_after_seconds(getattr(response, "headers", None))
         return UsageQueryError(f"Log Analytics is unavailable ({detail})", 503, retry_after)
     return UsageQueryError(f"Log Analytics query failed ({detail})", 502)
 
 
-def _is_throttle(exc: BaseException) -> bool:
-    """Tell whether ``exc`` is our error for an HTTP 429 from Log Analytics."""
+def _hold_seconds(exc: BaseException) -> float | None:
+    """How long calls fail fast with ``exc`` after it: a 429 or 503 upstream, or a partial result."""
+    if not isinstance(exc, UsageQueryError) or not exc.retry_after:
+        return None
     cause = exc.__cause__
-    return (
-        isinstance(exc, UsageQueryError)
-        and isinstance(cause, HttpResponseError)
-        and cause.status_code == 429
-    )
+    if isinstance(cause, HttpResponseError) and cause.status_code in (429, 503):
+        return min(float(exc.retry_after), _MAX_THROTTLE_HOLD)
+    if isinstance(cause, _PartialResult):
+        return float(_PARTIAL_HOLD)
+    return None
+
+
+class _PartialResult(Exception):
+    """The cause of a UsageQueryError for a partial result (what to hold)."""
+
+
+def _upstream_text(value: Any, workspace_id: str) -> str:
+    """An upstream error code or message fit to pass on: printable, short, without the workspace id."""
+    text = " ".join(str(value or "").split())
+    text = "".join(ch for ch in text if ch.isprintable()).replace(workspace_id, "<workspace>")
+    return text[:_MAX_UPSTREAM_TEXT]
+
+
+def _partial_error(error: Any, workspace_id: str) -> UsageQueryError:
+    """The 502 of a partial result, naming the upstream's error code and message and its first detail's."""
+    parts = [f"{_upstream_text(getattr(error, 'code', ''), workspace_id)}: "
+             f"{_upstream_text(getattr(error, 'message', ''), workspace_id)}"]
+    details = getattr(error, "details", None) or []
+    if details and isinstance(details[0], Mapping):
+        inner = details[0]
+        while isinstance(inner.get("innererror"), Mapping):
+            inner = inner["innererror"]
+        parts.append(f"{_upstream_text(details[0].get('code'), workspace_id)}: "
+                     f"{_upstream_text(inner.get('message'), workspace_id)}")
+    return UsageQueryError(f"Log Analytics returned a partial result ({'; '.join(parts)})", 502, _PARTIAL_HOLD)
 
 
 def _convert(value: Any, kql_type: str) -> Any:
@@ -461,7 +510,8 @@ class LogAnalyticsUsageSource:
         self._client: LogsQueryClient | None = None
         self._cache: dict[tuple[int, str], _Entry] = {}
         self._flights: dict[tuple[int, str], _Flight] = {}
-        self._throttled_until = 0.0
+        self._held_until = 0.0
+        self._held: UsageQueryError | None = None  # the error calls get again until _held_until
 
     def rows(self, start: datetime, end: datetime) -> list[dict[str, Any]]:
         """Return the section rows for [start, end]; raises UsageQueryError on upstream failure."""
@@ -472,10 +522,8 @@ class LogAnalyticsUsageSource:
             entry = self._cache.get(key)
             if entry is not None and now < entry.expires:
                 return _copy_rows(entry.rows)
-            if now < self._throttled_until:
-                raise UsageQueryError(
-                    "Log Analytics is throttling queries", 503, math.ceil(self._throttled_until - now)
-                )
+            if self._held is not None and now < self._held_until:
+                raise UsageQueryError(self._held.message, self._held.status, math.ceil(self._held_until - now))
             flight = self._flights.get(key)
             leader = flight is None
             if leader:
@@ -485,10 +533,18 @@ class LogAnalyticsUsageSource:
         return self._follow(flight)
 
     def clear_cache(self) -> None:
-        """Forget cached results and any throttling hold (queries in flight are unaffected)."""
+        """Forget cached results and any hold (queries in flight are unaffected)."""
         with self._lock:
             self._cache.clear()
-            self._throttled_until = 0.0
+            self._held_until, self._held = 0.0, None
+
+    def problems(self) -> list[str]:
+        """For /healthz: the Logs API throttling (or unavailable) while a hold lasts, else nothing."""
+        with self._lock:
+            held, remaining = self._held, self._held_until - self._clock()
+        if held is None or held.status != 503 or remaining <= 0:
+            return []
+        return [f"{held.message}; usage queries held for {math.ceil(remaining)} s more"]
 
     def close(self) -> None:
         """Close the underlying LogsQueryClient, if one was created."""
@@ -510,9 +566,11 @@ class LogAnalyticsUsageSource:
             flight.error = exc
             with self._lock:
                 self._flights.pop(key, None)
-                if _is_throttle(exc) and exc.retry_after:
-                    hold = min(float(exc.retry_after), _MAX_THROTTLE_HOLD)
-                    self._throttled_until = max(self._throttled_until, self._clock() + hold)
+                hold = _hold_seconds(exc)
+                if hold:
+                    until = self._clock() + hold
+                    if self._held is None or until >= self._held_until:
+                        self._held_until, self._held = until, exc
             flight.done.set()
             raise
         flight.rows = rows
@@ -584,9 +642,9 @@ class LogAnalyticsUsageSource:
 
         if isinstance(result, LogsQueryPartialResult) or result.status == LogsQueryStatus.PARTIAL:
             # A partial usage report would silently undercount: refuse it.
-            code = getattr(result.partial_error, "code", "") or ""
-            log.warning("Usage query returned a partial result (%s)", code)
-            raise UsageQueryError("Log Analytics returned a partial result", 502)
+            error = _partial_error(getattr(result, "partial_error", None), self._workspace_id)
+            log.warning("Usage query failed: %s", error.message)
+            raise error from _PartialResult()
         if result.status != LogsQueryStatus.SUCCESS:
             raise UsageQueryError("Log Analytics query failed", 502)
         return _table_rows(result)

@@ -24,7 +24,7 @@ def get_usage_stats(days=30):
     if monitor.source is None:
         raise UsageSourceUnavailable("LOG_ANALYTICS_WORKSPACE_ID is not set")
     start, end = usage_window(days)
-    return build_usage(monitor.source.rows(start, end), start, end, days, monitor.source_name)
+    return build_usage(monitor.usage_rows(start, end), start, end, days, monitor.source_name)
 
 
 def _iso(dt):

@@ -4,6 +4,7 @@ import collections
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 
@@ -11,9 +12,9 @@ import cli
 import request_tracking
 import security
 import views
-from config import load_settings
+from config import ConfigError, load_settings
 from local_store import LocalStore, StorageUnavailable
-from log_analytics import LogAnalyticsUsageSource
+from log_analytics import LogAnalyticsUsageSource, UsageQueryError
 from telemetry import (EXTENSION_NAME, TelemetryUnavailable, current_monitor, forget_started, install_trace_forwarder,
                        monitor_of, set_last_started)
 
@@ -22,6 +23,7 @@ __all__ = ["UsageMonitor", "current_monitor", "monitor_of"]
 # Operational failures are logged here, outside the trace logger, so they never feed back into a sink.
 log = logging.getLogger("telemetry.monitor")
 _FAILURE_LOG_INTERVAL = 60.0
+_RETRY_AFTER_STORE = 5  # seconds a dashboard client waits when the local store cannot be read
 
 
 class UsageMonitor:
@@ -36,13 +38,14 @@ class UsageMonitor:
         self.routes = routes
         self.credential = credential
         self.app = None
-        self.settings = self.sink = self.source = self.limiter = None
+        self.settings = self.sink = self.source = self.limiter = self.limit_store = None
         self.source_name = ""
         self.failures = collections.Counter()
         self._rate_limits = {}
         self._pid = None
         self._lock = threading.Lock()
         self._last_failure_log = float("-inf")
+        self._start_error = None  # (pid, why the sink could not start in that process)
         if app is not None:
             self.init_app(app)
 
@@ -57,7 +60,7 @@ class UsageMonitor:
         self.app = app
         self._setup_sink()
         self._setup_hooks(app)
-        self.limiter, self._rate_limits = security.init_app(app, self.settings)
+        self.limiter, self._rate_limits, self.limit_store = security.init_app(app, self.settings)
         install_trace_forwarder(self.settings.trace_log_level)
         if self.routes:
             views.init_app(app)
@@ -111,7 +114,12 @@ class UsageMonitor:
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
-                    self.sink.start()
+                    try:
+                        self.sink.start()
+                    except Exception as exc:  # remembered for /healthz, then raised to the caller
+                        self._start_error = (os.getpid(), f"{type(exc).__name__}: {exc}")
+                        raise
+                    self._start_error = None
                     self._pid = os.getpid()
                     atexit.register(self.close)
                     set_last_started(self)
@@ -190,15 +198,33 @@ class UsageMonitor:
         return report
 
     def problems(self):
-        """What is wrong now, in short sentences: the sink's own problems (this process) and a nearly full disk."""
+        """What is wrong now, in short sentences: the sink (this process), the rate-limit store and the disk."""
         found = []
         if self._pid == os.getpid():
             found += self.sink.problems(self.settings.health_ingestion_grace)
+        elif self._start_error is not None and self._start_error[0] == os.getpid():
+            found.append(f"telemetry store not open ({self._start_error[1]}); events are refused")
+        limit_store = self.limit_store.problem() if self.limit_store is not None else None
+        if limit_store:
+            found.append(limit_store)
+        if isinstance(self.source, LogAnalyticsUsageSource):
+            found += self.source.problems()
         disk = self.disk()
         if disk["free_mb"] is not None and disk["free_mb"] < self.settings.health_min_free_mb:
             found.append(f"disk nearly full: {disk['free_mb']:.0f} MB free at {disk['path']} "
                          f"(HEALTH_MIN_FREE_MB {self.settings.health_min_free_mb:g})")
         return found
+
+    def usage_rows(self, start, end):
+        """The usage source's rows for [start, end]; a local store that cannot be read is a 503 to retry."""
+        if self.source is not self.sink:
+            return self.source.rows(start, end)
+        try:
+            return self.source.rows(start, end)
+        except (sqlite3.Error, OSError, ConfigError) as exc:
+            log.warning("the local store cannot be read for the dashboard (%s: %s)", type(exc).__name__, exc)
+            raise UsageQueryError("the local store cannot be read now; try again later", 503,
+                                  _RETRY_AFTER_STORE) from None
 
     def disk(self):
         """Free space where this mode stores telemetry (the database's folder, or the outbox), shared by all workers."""

@@ -152,9 +152,15 @@ def dashboard_usage(query):
         raise ApiError(503, "usage_source_unavailable", str(exc)) from None
     except UsageQueryError as exc:
         log.warning("usage query failed: %s", exc.message)
-        raise ApiError(exc.status, "upstream_unavailable" if exc.status == 503 else "upstream_error",
-                       exc.message, headers={"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-                       ) from None
+        raise ApiError(exc.status, _usage_error_code(exc), exc.message,
+                       headers={"Retry-After": str(exc.retry_after)} if exc.retry_after else None) from None
+
+
+def _usage_error_code(exc):
+    """The error code of a failed usage query: the local store, or Log Analytics (unavailable, or an error)."""
+    if exc.status != 503:
+        return "upstream_error"
+    return "storage_unavailable" if current_monitor().source_name == "local" else "upstream_unavailable"
 
 
 @bp.get("/healthz")

@@ -141,7 +141,42 @@ def test_partial_result_answers_502(azure_client, requests_mock):
                                          error={"code": "PartialError", "message": "timeout"}))
     resp = azure_client.get("/dashboard/usage?days=7")
     assert resp.status_code == 502
-    assert resp.get_json()["error"]["code"] == "upstream_error"
+    assert resp.get_json()["error"] == {"code": "upstream_error",
+                                        "message": "Log Analytics returned a partial result (PartialError: timeout)"}
+    assert resp.headers["Retry-After"] == "10"
+    assert azure_client.get("/dashboard/usage?days=7").status_code == 502
+    assert requests_mock.call_count == 1, "held briefly, like a throttle"
+    assert azure_client.get("/healthz").status_code == 200, "a partial result is not a throttle"
+
+
+def test_a_throttle_without_retry_after_is_held_30_s_and_named_by_healthz(azure_client, requests_mock):
+    requests_mock.post(URL, status_code=429, json={"error": {"code": "ThrottledError", "message": "slow down"}})
+    resp = azure_client.get("/dashboard/usage?days=7")
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "30"
+    again = azure_client.get("/dashboard/usage?days=7")
+    assert again.status_code == 503 and 1 <= int(again.headers["Retry-After"]) <= 30
+    assert requests_mock.call_count == 1
+    health = azure_client.get("/healthz")
+    problems = health.get_json()["problems"]
+    assert health.status_code == 503
+    assert problems == [p for p in problems if p.startswith("Log Analytics is throttling queries (HTTP 429")]
+    assert len(problems) == 1
+
+
+def test_a_503_with_a_short_retry_after_costs_at_most_3_s_of_retries(tmp_path, requests_mock, monkeypatch):
+    from azure.core.pipeline.transport import RequestsTransport
+    slept = []
+    monkeypatch.setattr(RequestsTransport, "sleep", lambda self, seconds: slept.append(seconds))
+    app = create_app({"TESTING": True, "APPLICATIONINSIGHTS_CONNECTION_STRING": CONN,
+                      "LOG_ANALYTICS_WORKSPACE_ID": WORKSPACE, "TELEMETRY_STORAGE": str(tmp_path)},
+                     credential=FakeCredential())  # the default retry policy
+    requests_mock.post(URL, status_code=503, headers={"Retry-After": "5"},
+                       json={"error": {"code": "ServiceUnavailable", "message": "later"}})
+    resp = app.test_client().get("/dashboard/usage?days=7")
+    monitor_of(app).close()
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+    queries = [r for r in requests_mock.request_history if r.url == URL]  # not the exporters' calls
+    assert len(queries) == 1 and slept == [], "it used to sleep 5 s twice and ask three times"
 
 
 def test_no_workspace_answers_503(tmp_path):

@@ -124,3 +124,21 @@ def test_health_documents_are_in_the_openapi_description(client, path):
     assert path in doc["paths"]
     if path == "/healthz":
         assert set(doc["paths"][path]["get"]["responses"]) == {"200", "503"}
+
+
+def test_a_store_that_cannot_be_opened_is_named_and_the_dashboard_answers_503(tmp_path):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    application = create_app({"TESTING": True, "TELEMETRY_DB": str(folder)})
+    client = application.test_client()
+    assert client.post("/event", json={"event_name": "x"}).status_code == 503
+    body = _health(application)
+    assert any(p.startswith("telemetry store not open") and "TELEMETRY_DB" in p for p in body["problems"]), body
+    usage = client.get("/dashboard/usage?days=1")
+    assert usage.status_code == 503 and usage.headers["Retry-After"] == "5"
+    assert usage.get_json()["error"]["code"] == "storage_unavailable"
+    folder.rmdir()  # the operator fixes it: the next event opens the store
+    assert client.post("/event", json={"event_name": "x"}).status_code == 202
+    assert _health(application)["problems"] == []
+    assert client.get("/dashboard/usage?days=1").status_code == 200
+    monitor_of(application).close()

@@ -265,7 +265,7 @@ def test_rows_rejects_bad_window_without_http(requests_mock, make_source):
 # --- partial results and errors ---------------------------------------------------------
 
 
-def test_partial_result_is_502_and_not_cached(requests_mock, make_source):
+def test_partial_result_is_502_naming_its_cause_held_briefly_and_not_cached(requests_mock, make_source, clock):
     partial = dict(OK_BODY)
     partial["error"] = {
         "code": "PartialError",
@@ -273,15 +273,29 @@ def test_partial_result_is_502_and_not_cached(requests_mock, make_source):
         "details": [{"code": "EngineError", "message": "Something went wrong processing your query on the server.",
                      "innererror": {"code": "-2133196797", "message": "Query result set has exceeded the limit"}}],
     }
+    partial["error"]["details"][0]["message"] += f" in workspace {WORKSPACE}"
+    partial["error"]["details"][0]["innererror"]["message"] += f" of workspace {WORKSPACE}"
     requests_mock.post(URL, [{"json": partial}, {"json": OK_BODY}])
     source = make_source()
     with pytest.raises(UsageQueryError) as info:
         source.rows(START, END)
-    assert info.value.status == 502
-    assert info.value.retry_after is None
-    assert "partial" in info.value.message
+    assert (info.value.status, info.value.retry_after) == (502, la._PARTIAL_HOLD)
+    assert info.value.message == ("Log Analytics returned a partial result (PartialError: There were some errors "
+                                  "when processing your query.; EngineError: Query result set has exceeded the "
+                                  "limit of workspace <workspace>)")
+    assert WORKSPACE not in info.value.message and SECRET_TOKEN not in info.value.message
     assert requests_mock.call_count == 1
-    assert source.rows(START, END)[0]["count"] == 5
+    assert source.problems() == [], "a partial result is no throttle"
+
+    clock.advance(la._PARTIAL_HOLD - 1)
+    with pytest.raises(UsageQueryError) as info:
+        source.rows(START, END)  # held briefly, like a throttle: the same answer without a query
+    assert (info.value.status, info.value.retry_after) == (502, 1)
+    assert info.value.message.startswith("Log Analytics returned a partial result (PartialError")
+    assert requests_mock.call_count == 1
+
+    clock.advance(1)
+    assert source.rows(START, END)[0]["count"] == 5, "not cached: queried again once the hold ends"
     assert requests_mock.call_count == 2
 
 
@@ -322,9 +336,69 @@ def test_429_retry_after_http_date_and_missing(requests_mock, make_source):
     source.clear_cache()  # also lifts the throttle hold
     with pytest.raises(UsageQueryError) as info:
         source.rows(START, END)
-    assert (info.value.status, info.value.retry_after) == (503, None)
-    source.rows(START, END)  # no hold without Retry-After
+    assert (info.value.status, info.value.retry_after) == (503, la._DEFAULT_THROTTLE_HOLD)
+    source.clear_cache()
+    source.rows(START, END)
     assert requests_mock.call_count == 3
+
+
+@pytest.mark.parametrize("status, calls", [(429, 1), (503, 3)])  # a 503 is retried (back-off 0 here) first
+def test_429_or_503_without_retry_after_holds_for_the_default(requests_mock, make_source, clock, status, calls):
+    requests_mock.post(URL, [{"status_code": status, "json": error_body("ThrottledError", "Too many requests")}] * calls
+                       + [{"json": OK_BODY}])
+    source = make_source()
+    with pytest.raises(UsageQueryError) as info:
+        source.rows(START, END)
+    assert (info.value.status, info.value.retry_after) == (503, 30)
+    assert requests_mock.call_count == calls
+    problems = source.problems()
+    assert len(problems) == 1 and f"HTTP {status}" in problems[0] and "held for 30 s more" in problems[0], problems
+
+    clock.advance(29)
+    with pytest.raises(UsageQueryError) as info:
+        source.rows(START, END)  # held on the injected clock: no query
+    assert (info.value.status, info.value.retry_after) == (503, 1)
+    assert requests_mock.call_count == calls
+
+    clock.advance(1)
+    assert source.problems() == []
+    assert source.rows(START, END)[0]["count"] == 5
+    assert requests_mock.call_count == calls + 1
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The retry sleeps of the Logs API client, recorded instead of slept (no wall clock in these tests)."""
+    from azure.core.pipeline.transport import RequestsTransport
+    slept = []
+    monkeypatch.setattr(RequestsTransport, "sleep", lambda self, seconds: slept.append(seconds))
+    return slept
+
+
+@pytest.mark.parametrize("retry_after, calls, waits", [
+    ("1", 3, [1, 1]),  # both retries fit in the 3 s
+    ("2", 2, [2]),  # a second 2 s wait would not fit
+    ("3", 2, [3]),
+    ("5", 1, []),  # the SDK used to sleep 5 s twice: 10 s
+])
+def test_a_503_with_retry_after_waits_at_most_3_s_in_all(requests_mock, make_source, sleeps, retry_after, calls,
+                                                         waits):
+    requests_mock.post(URL, status_code=503, headers={"Retry-After": retry_after},
+                       json=error_body("ServiceUnavailable", "later"))
+    with pytest.raises(UsageQueryError) as info:
+        make_source().rows(START, END)
+    assert (info.value.status, info.value.retry_after) == (503, int(retry_after))
+    assert requests_mock.call_count == calls
+    assert sleeps == waits and sum(sleeps) <= la._MAX_RETRY_WAIT
+
+
+def test_the_default_back_off_fits_the_3_s_too(requests_mock, make_source, sleeps):
+    requests_mock.post(URL, status_code=500, json=error_body("InternalServerError", "boom"))
+    source = make_source(client_kwargs={"retry_total": 5, "retry_backoff_factor": 1, "retry_backoff_max": 10})
+    with pytest.raises(UsageQueryError):
+        source.rows(START, END)
+    # Back-offs 0 (no sleep), 2, then 4 s: the third retry would not fit in the 3 s, so it is not made.
+    assert sleeps == [2] and requests_mock.call_count == 3
 
 
 def test_500_is_503_after_client_retries(requests_mock, make_source):
