@@ -8,7 +8,7 @@ from flask import request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from pydantic.json_schema import models_json_schema
 
-from logging_utils import SENT_AT_DOC, PublicEvent, describe_error, parse_client_time
+from logging_utils import SENT_AT_DOC, PublicEvent, describe_error, optional_client_time
 
 _DAYS = re.compile(r"[0-9]{1,2}")
 
@@ -87,9 +87,7 @@ class EventBatch(BaseModel):
     @classmethod
     def _sent_at_is_a_time(cls, value):
         """ISO 8601 with a zone, as on each event."""
-        if value is not None:
-            parse_client_time(value)
-        return value
+        return optional_client_time(value)
 
 
 class BatchAccepted(BaseModel):

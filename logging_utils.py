@@ -149,9 +149,7 @@ class PublicEvent(Event):
     @classmethod
     def _sent_at_is_a_time(cls, value):
         """ISO 8601 with a zone (any value of the client's clock: it is what the skew is measured by)."""
-        if value is not None:
-            parse_client_time(value)
-        return value
+        return optional_client_time(value)
 
     @field_validator("timestamp")
     @classmethod
@@ -190,6 +188,13 @@ def parse_client_time(value):
     if when.tzinfo is None:
         raise ValueError("must include a time zone (Z or +hh:mm)")
     return when
+
+
+def optional_client_time(value):
+    """`value` when it is None or an ISO 8601 date and time with a zone; ValueError (a 422 naming the field) otherwise."""
+    if value is not None:
+        parse_client_time(value)
+    return value
 
 
 def _clock_skew(sent_at, now):
