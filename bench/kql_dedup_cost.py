@@ -24,7 +24,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import appinsights_tables  # noqa: E402
 import kql_duckdb  # noqa: E402
-from log_analytics import usage_query  # noqa: E402
+from usage_kql import usage_query  # noqa: E402
 
 IKEY = "11111111-2222-3333-4444-555555555555"
 DEDUP = ("\n    | summarize arg_min(TimeGenerated, Name, ItemCount, UserAuthenticatedId, UserId, SessionId, Properties)"

@@ -206,7 +206,7 @@ def test_usage_log_analytics_failure_is_one_line_and_exit_1(make_app, tmp_path, 
 
 
 def test_usage_from_log_analytics_is_the_routes_json(make_app, tmp_path, requests_mock):
-    from log_analytics import COLUMNS
+    from usage_kql import COLUMNS
     row = {"section": "req_summary", "day": "", "name": "", "type": "", "target": "", "action": "",
            "count": 3, "failed": 1, "users": 0, "avg_ms": 5.0, "p50_ms": 4.0, "p95_ms": 9.0, "p99_ms": 9.5}
     requests_mock.post(LA_URL, json={"tables": [{"name": "PrimaryResult",

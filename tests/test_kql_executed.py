@@ -20,7 +20,8 @@ import appinsights_tables
 import kql_duckdb
 from app import create_app
 from fake_ingestion import IKEY, FakeIngestion
-from log_analytics import _table_rows, usage_query
+from log_analytics import _table_rows
+from usage_kql import usage_query
 from monitoring_utils import build_usage, usage_window
 from telemetry import DependencyRecord, EventRecord, RequestRecord, monitor_of
 

@@ -11,7 +11,8 @@ from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 
 import log_analytics as la
-from log_analytics import COLUMNS, LogAnalyticsUsageSource, UsageQueryError, usage_query
+from log_analytics import LogAnalyticsUsageSource, UsageQueryError
+from usage_kql import COLUMNS, SECTIONS, usage_query
 
 WORKSPACE = "00000000-1111-2222-3333-444444444444"
 URL = f"https://api.loganalytics.io/v1/workspaces/{WORKSPACE}/query"
@@ -115,7 +116,7 @@ def test_usage_query_has_no_placeholders_and_embeds_iso_datetimes():
         assert re.search(rf"{table_name}\s*\|\s*where {re.escape(between)}", query), table_name
     assert query.count(between) == 3
     assert query.count("take 7") == 3
-    for section in la.SECTIONS:
+    for section in SECTIONS:
         assert f'section = "{section}"' in query
     final = query.strip().splitlines()[-2]
     assert final == "| project " + ", ".join(

@@ -7,7 +7,7 @@ import pytest
 from azure.core.credentials import AccessToken
 
 from app import create_app
-from log_analytics import COLUMNS
+from usage_kql import COLUMNS
 from telemetry import monitor_of
 
 WORKSPACE = "00000000-1111-2222-3333-444444444444"

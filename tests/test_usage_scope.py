@@ -13,7 +13,8 @@ from azure.core.credentials import AccessToken
 import config
 from app import create_app
 from kql_check import kql_errors
-from log_analytics import COLUMNS, LogAnalyticsUsageSource, usage_query
+from log_analytics import LogAnalyticsUsageSource
+from usage_kql import COLUMNS, usage_query
 from telemetry import monitor_of
 
 IKEY = "11111111-2222-3333-4444-555555555555"
