@@ -545,7 +545,7 @@ def test_a_full_storage_quota_keeps_the_newest_events(driver, site):
     driver.execute_script("Usage.flush()")
     _wait_stored(service, driver, "Warmup", 1)
     driver.execute_script(_FILL, 40 * 1024)
-    service.wire.down = True  # (the page leaves below: Chromium's offline emulation does not cover unload)
+    service.wire.down = True  # not offline: leaving for about:blank, Chromium reports navigator.onLine true
     ids = _track(driver, "Quota", 1000)
     wait_for(lambda: service.wire.posts(faulted=True), message="a refused request")
     wait_for(lambda: _queue(driver, service), message="events saved")
