@@ -26,8 +26,9 @@
  * when storage is full) to its own localStorage key, 200 ms after a change and when it is hidden.
  * It holds a Web Lock named after that key while it lives; a page that loads adopts the keys whose
  * lock is free (pages closed, reloaded or crashed with unsent events) while holding their lock,
- * so no two pages adopt the same events. Without Web Locks (insecure contexts, old browsers) a
- * page hands its key over when it is hidden for good (pagehide) and the next page adopts it.
+ * so no two pages adopt the same events; open pages look again every flushInterval. Without Web
+ * Locks (insecure contexts, old browsers) a page hands its key over when it is hidden for good
+ * (pagehide) and the next page to load adopts it.
  * When the page is hidden, what waits is saved and sent by a keepalive fetch; when it unloads, by
  * navigator.sendBeacon as text/plain (no preflight). Nothing here throws into the page.
  */
@@ -368,7 +369,10 @@
     on("pagehide", leave);
     on("pageshow", function (e) { if (e.persisted && !owned) own(); }); // back from the bfcache
     on("visibilitychange", function () { if (document.visibilityState == "hidden") hide(); }, document);
-    if (c.flushInterval > 0) setInterval(safe(function () { pump(true); }), c.flushInterval);
+    if (c.flushInterval > 0) setInterval(safe(function () {
+      if (locks && owned) claim(); // what tabs closed since left behind (a lock makes it safe at any time)
+      pump(true);
+    }), c.flushInterval);
     if (c.pageViews) {
       lastHref = document.referrer;
       pageView();

@@ -400,7 +400,7 @@ def tabs(driver):
         return opened[-1]
 
     yield open_tab
-    for handle in opened:
+    for handle in set(opened) & set(driver.window_handles):
         driver.switch_to.window(handle)
         driver.get("about:blank")
         driver.close()
@@ -453,6 +453,25 @@ def test_two_tabs_offline_a_reload_and_a_recovery_deliver_600_of_600_once(driver
         _in_tab(driver, handle)
         wait_for(lambda: _queue(driver, service) == [], message="no delivered event left in localStorage")
         assert driver.execute_script("return window.errors") == []
+
+
+def test_a_closed_tabs_unsent_events_are_sent_by_a_tab_still_open(driver, site, tabs):
+    page, service = site
+    _open(driver, page, flushInterval=500)
+    one, two = driver.current_window_handle, tabs(page.url(flushInterval=500))
+    _in_tab(driver, two)
+    service.wire.down = True
+    ids = _track(driver, "Closed", 100)
+    # A refused request (its preflight, uncached here), so the page knows: no beacon when it closes.
+    wait_for(lambda: "retrying in" in console(driver), message="a failed request, a retry planned")
+    wait_for(lambda: set(ids) <= {e["event_id"] for e in _queue(driver, service)}, message="100 events saved")
+    driver.close()  # tab 2 goes with its events unsent; tab 1 stays, and no page loads
+    driver.switch_to.window(one)
+    service.wire.down = False
+    stored = _wait_stored(service, driver, "Closed", 100, timeout=20)
+    assert sorted(e["event_id"] for e in stored) == sorted(ids)
+    assert sorted(i for i in _accepted_ids(service) if i in set(ids)) == sorted(ids), "each once"
+    wait_for(lambda: _storage_keys(driver, service) == [], message="no queue key left in localStorage")
 
 
 def test_delivered_events_leave_storage(driver, site, tabs):
