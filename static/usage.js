@@ -19,8 +19,9 @@
  * (sessionStorage, renewed after 30 minutes idle). track() only appends to the page's queue in
  * memory; a batch goes to POST /events as soon as maxBatch events wait (one request at a time)
  * and every flushInterval. 429, 5xx and network errors are retried with capped exponential backoff
- * with jitter, or after Retry-After; other 4xx drop the batch. While offline or backing off, the
- * queue keeps the newest maxQueue events (onDrop and a console warning say how many went).
+ * with jitter, or after Retry-After; other 4xx drop the batch. While offline or after a failed
+ * request, the queue keeps the newest maxQueue events (onDrop and a console warning say how many
+ * went); while the service takes events, a burst waits in memory and goes in full.
  *
  * Storage: each page writes its unsent events (the newest maxQueue that fit; the oldest give way
  * when storage is full) to its own localStorage key, 200 ms after a change and when it is hidden.

@@ -3,7 +3,9 @@
 Everything listens on 127.0.0.1 and Chromium resolves no other host name. The service is the real
 app (create_app) served by werkzeug; `Wire` sits in front of it as a fake at the wire: it records
 what the browser sent (content type, traceparent, event ids, status) and can answer the next POST
-/events itself (503, 429) the way the service would, CORS headers included.
+/events itself (503, 429) the way the service would, CORS headers included, or take the whole
+service down (`down`: 503 to every request, /usage.js too). `PageServer` serves the test page, and
+/snippet: the README's snippet (set by the test).
 """
 import json
 import os
