@@ -40,6 +40,13 @@ system-packages:
 	  else echo "missing Debian packages:$$missing (apt-get install$$missing)"; fi; \
 	fi
 
+# /usage.js serves static/usage.min.js: static/usage.js minified by terser (tests/js pins its version;
+# test_browser.py checks that the committed file is terser's output of the source).
+.PHONY: usage-js
+usage-js:
+	@test -x tests/js/node_modules/.bin/terser || { echo "terser is missing: run make install"; exit 1; }
+	tests/js/node_modules/.bin/terser static/usage.js --compress --mangle --output static/usage.min.js
+
 run: $(VENV)/.installed
 	@PORT='$(PORT)' $(BIN)/python config.py PORT
 	$(BIN)/flask --app app run --host 127.0.0.1 --port $(PORT)

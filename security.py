@@ -36,10 +36,12 @@ def init_app(app, settings):
     if settings.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     if settings.cors_origins:
-        # Each route's own methods only; no credentials (the client and beacons need none).
+        # Each route's own methods only. The event routes allow credentials for listed origins: a
+        # beacon always carries them, and one with an application/json Blob is preflighted, so the
+        # browser drops it without this header. They read no cookie. Never with "*" (any origin).
         origins = list(settings.cors_origins)
-        CORS(app, resources={r"/event": {"origins": origins, "methods": ["POST"]},
-                             r"/events": {"origins": origins, "methods": ["POST"]},
+        beacons = {"origins": origins, "methods": ["POST"], "supports_credentials": "*" not in origins}
+        CORS(app, resources={r"/event": beacons, r"/events": beacons,
                              r"/dashboard/*": {"origins": origins, "methods": ["GET"]}},
              allow_headers=["Content-Type", "Authorization", "X-Api-Key", "traceparent"],
              expose_headers=["Retry-After"], max_age=600)

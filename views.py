@@ -134,8 +134,8 @@ def redirect_to_dashboard():
 
 @bp.get("/usage.js")
 def usage_js():
-    """The browser client (static/usage.js), loadable from any origin."""
-    response = send_from_directory(STATIC_DIR, "usage.js", mimetype="text/javascript", max_age=300)
+    """The browser client, loadable from any origin: static/usage.min.js, static/usage.js minified (`make usage-js`)."""
+    response = send_from_directory(STATIC_DIR, "usage.min.js", mimetype="text/javascript", max_age=300)
     response.headers["Cross-Origin-Resource-Policy"] = "cross-origin"
     return response
 

@@ -3,7 +3,9 @@
 Everything listens on 127.0.0.1 and Chromium resolves no other host name. The service is the real
 app (create_app) served by werkzeug; `Wire` sits in front of it as a fake at the wire: it records
 what the browser sent (content type, traceparent, event ids, status) and can answer the next POST
-/events itself (503, 429) the way the service would, CORS headers included.
+/events itself (503, 429) the way the service would, CORS headers included, or take the whole
+service down (`down`: 503 to every request, /usage.js too). `PageServer` serves the test page, and
+/snippet: the README's snippet (set by the test).
 """
 import json
 import os
@@ -89,12 +91,13 @@ class Wire:
         self.requests = []       # one dict per POST /event or /events
         self.faults = []         # (status, retry_after) answered to the next POST /events, in order
         self.delays = []         # seconds the next POST /events wait (body read) before the app answers
+        self.down = False        # True: every request (usage.js too) is answered 503, Retry-After: 1
         self.lock = threading.Lock()
 
     def __call__(self, environ, start_response):
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD")
         if method != "POST" or path not in ("/event", "/events"):
-            return self.app(environ, start_response)
+            return self._refuse(start_response, 503, 1) if self.down else self.app(environ, start_response)
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         environ["wsgi.input"], environ["CONTENT_LENGTH"] = BytesIO(body), str(len(body))
         try:
@@ -107,20 +110,13 @@ class Wire:
                   "body_key": document.get("api_key") if isinstance(document, dict) else None,
                   "event_ids": [i.get("event_id") for i in items if isinstance(i, dict)], "status": None}
         with self.lock:
-            fault = self.faults.pop(0) if path == "/events" and self.faults else None
+            fault = (503, 1) if self.down else self.faults.pop(0) if path == "/events" and self.faults else None
             delay = self.delays.pop(0) if path == "/events" and self.delays and not fault else 0
             self.requests.append(record)
         time.sleep(delay)
         if fault:
-            status, retry_after = fault
-            record["status"], record["faulted"] = status, True
-            reason = {429: "TOO MANY REQUESTS", 503: "SERVICE UNAVAILABLE"}.get(status, "ERROR")
-            payload = json.dumps({"error": {"code": "injected", "message": f"injected {status}"}}).encode()
-            start_response(f"{status} {reason}", [
-                ("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
-                ("Retry-After", str(retry_after)), ("Access-Control-Allow-Origin", self.origin),
-                ("Access-Control-Expose-Headers", "Retry-After"), ("Vary", "Origin")])
-            return [payload]
+            record["status"], record["faulted"] = fault[0], True
+            return self._refuse(start_response, *fault)
 
         def recording_start_response(status, headers, exc_info=None):
             record["status"] = int(status.split()[0])
@@ -128,6 +124,15 @@ class Wire:
             return start_response(status, headers, exc_info)
 
         return self.app(environ, recording_start_response)
+
+    def _refuse(self, start_response, status, retry_after):
+        reason = {429: "TOO MANY REQUESTS", 503: "SERVICE UNAVAILABLE"}.get(status, "ERROR")
+        payload = json.dumps({"error": {"code": "injected", "message": f"injected {status}"}}).encode()
+        start_response(f"{status} {reason}", [
+            ("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+            ("Retry-After", str(retry_after)), ("Access-Control-Allow-Origin", self.origin),
+            ("Access-Control-Expose-Headers", "Retry-After"), ("Vary", "Origin")])
+        return [payload]
 
     def posts(self, path="/events", faulted=None):
         with self.lock:
@@ -170,12 +175,23 @@ class ServiceThread:
                 return []
 
 
-PAGE = """<!doctype html>
+# window.dropped: what the client's onDrop reported; window.errors: what was thrown into the page.
+# ?locks=0 takes the Web Locks API away (the client's fallback, as in an insecure context).
+HEAD = """<!doctype html>
 <html><head><meta charset="utf-8"><title>usage.js test page</title><link rel="icon" href="data:,">
-<script src="{service}/usage.js"></script>
-<script>Usage.init(Object.assign({{endpoint: {service_json}, apiKey: {key_json}, debug: true}}, {options}));</script>
+<script>window.dropped = []; window.errors = []; window.onerror = function (m) {{ errors.push(String(m)); }};
+{no_locks}</script>
+"""
+PAGE = HEAD + """<script src="{service}/usage.js"></script>
+<script>Usage.init(Object.assign({{endpoint: {service_json}, apiKey: {key_json}, debug: true,
+                                   onDrop: function (n) {{ dropped.push(n); }}}}, {options}));</script>
 </head><body><h1>usage.js test page</h1></body></html>
 """
+# /snippet: the page carries `snippet` (the README's, pointed at the service) instead.
+SNIPPET_PAGE = HEAD + """{snippet}
+</head><body><h1>usage.js snippet page</h1></body></html>
+"""
+NO_LOCKS = "delete Navigator.prototype.locks;"
 OTHER = "<!doctype html><html><head><meta charset=\"utf-8\"><title>other</title><link rel=\"icon\" href=\"data:,\"></head><body>other</body></html>"
 
 
@@ -188,11 +204,14 @@ class PageServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
+                query = urllib.parse.parse_qs(url.query)
+                no_locks = NO_LOCKS if query.get("locks") == ["0"] else ""
                 if url.path == "/page" or url.path.startswith("/spa/"):
-                    query = urllib.parse.parse_qs(url.query)
                     options = json.loads(query.get("o", ["{}"])[0])
                     html = PAGE.format(service=outer.service_url, service_json=_js(outer.service_url),
-                                       key_json=_js(api_key), options=_js(options))
+                                       key_json=_js(api_key), options=_js(options), no_locks=no_locks)
+                elif url.path == "/snippet" and outer.snippet:
+                    html = SNIPPET_PAGE.format(snippet=outer.snippet, no_locks=no_locks)
                 elif url.path == "/other":
                     html = OTHER
                 else:
@@ -210,12 +229,13 @@ class PageServer:
                 pass
 
         self.service_url = service_url
+        self.snippet = None  # the HTML of /snippet's <head>, set by the test
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, name="browser-test-page", daemon=True).start()
 
-    def url(self, path="/page", **options):
-        return f"{self.origin}{path}?o={urllib.parse.quote(json.dumps(options))}"
+    def url(self, path="/page", locks=True, **options):
+        return f"{self.origin}{path}?o={urllib.parse.quote(json.dumps(options))}" + ("" if locks else "&locks=0")
 
     def close(self):
         self.server.shutdown()

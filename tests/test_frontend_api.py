@@ -272,15 +272,49 @@ def test_cors_preflight_lists_only_the_routes_methods_and_exposes_retry_after(ke
     assert {m.strip() for m in preflight.headers["Access-Control-Allow-Methods"].split(",")} == {"POST"}
     assert "traceparent" in preflight.headers["Access-Control-Allow-Headers"].lower()
     assert preflight.headers["Access-Control-Max-Age"] == "600"
-    assert "Access-Control-Allow-Credentials" not in preflight.headers
+    assert preflight.headers["Access-Control-Allow-Credentials"] == "true", "a JSON Blob beacon carries credentials"
     dashboard = client.options("/dashboard/usage", headers={
         "Origin": "http://shop.example", "Access-Control-Request-Method": "GET"})
     assert {m.strip() for m in dashboard.headers["Access-Control-Allow-Methods"].split(",")} == {"GET"}
+    assert "Access-Control-Allow-Credentials" not in dashboard.headers, "the dashboard takes a bearer token only"
     posted = client.post("/events", json={"api_key": KEY, "events": [{"event_name": "x"}]},
                          headers={"Origin": "http://shop.example"})
     assert posted.headers["Access-Control-Expose-Headers"] == "Retry-After"
     other = client.options("/events", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_a_credentialed_json_beacon_is_allowed_and_no_cookie_is_read(keyed, monkeypatch):
+    """sendBeacon(url, Blob application/json): a preflight, then a POST with the site's cookies."""
+    import flask
+    read = []
+    monkeypatch.setattr(flask.Request, "cookies", property(lambda self: read.append(self.path) or {}))
+    client = keyed.test_client()
+    origin = {"Origin": "http://shop.example", "Cookie": "session=secret; ai_user=abc"}
+    for path, body in (("/event", {"event_name": "Blob", "api_key": KEY}),
+                       ("/events", {"events": [{"event_name": "Blob"}], "api_key": KEY})):
+        preflight = client.options(path, headers={**origin, "Access-Control-Request-Method": "POST",
+                                                  "Access-Control-Request-Headers": "content-type"})
+        assert preflight.headers["Access-Control-Allow-Origin"] == "http://shop.example"
+        assert preflight.headers["Access-Control-Allow-Credentials"] == "true"
+        posted = client.post(path, json=body, headers=origin)
+        assert posted.status_code == 202
+        assert posted.headers["Access-Control-Allow-Origin"] == "http://shop.example"
+        assert posted.headers["Access-Control-Allow-Credentials"] == "true"
+        assert "Set-Cookie" not in posted.headers and "Set-Cookie" not in preflight.headers
+    assert read == [], f"no cookie is read: {read}"
+    assert len(_events(keyed)) == 2
+
+
+def test_a_wildcard_origin_never_allows_credentials(tmp_path):
+    application = create_app({"TESTING": True, "TELEMETRY_DB": str(tmp_path / "w.db"), "CORS_ORIGINS": "*"})
+    try:
+        preflight = application.test_client().options("/events", headers={
+            "Origin": "http://any.example", "Access-Control-Request-Method": "POST"})
+        assert preflight.headers["Access-Control-Allow-Origin"] in ("*", "http://any.example")
+        assert "Access-Control-Allow-Credentials" not in preflight.headers, "any site, so no credentials"
+    finally:
+        monitor_of(application).close()
 
 
 # -- W3C trace context ------------------------------------------------------------------------------
