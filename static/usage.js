@@ -12,10 +12,12 @@
  *
  * Options: endpoint (the service's origin), apiKey, flushInterval (ms, default 5000), maxBatch
  * (events per request, default 20, at most 100), maxQueue (events kept while the service cannot
- * take them, default 1000, oldest dropped), onDrop (called with the number of events dropped),
+ * take them, default 1000, oldest dropped), onDrop (called with the number of events dropped and
+ * why: a full queue while offline, or events the service refused; a console warning says it too),
  * pageViews (default false), debug (console messages, default false).
  *
- * Each event gets an event_id, its timestamp, an anonymous_id (localStorage) and a session_id
+ * Each event gets an event_id, its timestamp (each request carries sent_at, the page's clock when
+ * sent, so the service corrects a clock that is wrong), an anonymous_id (localStorage) and a session_id
  * (sessionStorage, renewed after 30 minutes idle). track() only appends to the page's queue in
  * memory; a batch goes to POST /events as soon as maxBatch events wait (one request at a time)
  * and every flushInterval. 429, 5xx and network errors are retried with capped exponential backoff
@@ -135,9 +137,19 @@
     var extra = queue.length - config.maxQueue;
     if (extra > 0 && !sending && down()) {
       queue.splice(0, extra);
-      if (window.console) console.warn("[usage] queue full: dropped the " + extra + " oldest events");
-      if (typeof config.onDrop == "function") config.onDrop(extra);
+      dropped(extra, "queue full: dropped the " + extra + " oldest events");
     }
+  }
+
+  // The client's clock now, as sent_at: the service shifts each timestamp by its own clock minus this.
+  function sentAt() {
+    return new Date().toISOString();
+  }
+
+  // Events that will not be sent: a console warning and onDrop(count, why) say so, never silence.
+  function dropped(count, why) {
+    if (window.console) console.warn("[usage] " + why);
+    if (typeof config.onDrop == "function") config.onDrop(count, why);
   }
 
   function later() {
@@ -236,7 +248,7 @@
     if (!config || sending || !window.fetch) return;
     if (!queue.length) return (draining = false);
     if ((!draining && queue.length < config.maxBatch) || waiting()) return;
-    var batch = take(queue, FETCH_MAX_BYTES, true), body = JSON.stringify({events: batch});
+    var batch = take(queue, FETCH_MAX_BYTES, true), body = JSON.stringify({events: batch, sent_at: sentAt()});
     sending = true;
     keptAlive = bytes(body) < BEACON_MAX_BYTES; // a keepalive fetch outlives the page (up to 64 KB)
     batch.forEach(function (e) { inFlight[e.event_id] = 1; });
@@ -254,7 +266,8 @@
       attempt = 0;
       remove(batch); // accepted, or refused for good: items with errors are dropped either way
       return response.json().then(function (answer) {
-        if (!response.ok || (answer.errors || []).length) log("HTTP " + status + ": dropped events", answer);
+        var errors = response.ok ? answer.errors || [] : [answer.error || {}], n = response.ok ? errors.length : batch.length;
+        if (n) dropped(n, "the service refused " + n + " events: " + (errors[0].message || "HTTP " + status));
       });
     }, function (error) {
       retry(null, error);
@@ -290,7 +303,7 @@
       if (sending && keptAlive) remove(queue.filter(function (e) { return inFlight[e.event_id]; }));
       for (var events = queue, budget = BEACON_MAX_BYTES, batch, body; events.length; events = events.slice(batch.length)) {
         batch = take(events, budget);
-        body = JSON.stringify({events: batch, api_key: config.apiKey}); // a string: text/plain, no preflight
+        body = JSON.stringify({events: batch, api_key: config.apiKey, sent_at: sentAt()}); // a string: text/plain, no preflight
         if (!batch.length || !navigator.sendBeacon(config.endpoint + "/events", body)) break;
         budget -= bytes(body);
         remove(batch);

@@ -342,6 +342,44 @@ def test_a_refused_batch_is_dropped_not_retried(driver, site):
     time.sleep(0.3)  # three more flush intervals
     assert [r["status"] for r in service.wire.posts()] == [401], "dropped after one 401, never retried"
     assert service.events("Refused") == []
+    assert driver.execute_script("return window.dropped") == [3], "onDrop reports the refused events"
+    assert "the service refused 3 events" in console(driver), "and a console warning says why"
+
+
+# The page's clock runs `offset` ms fast (or slow): Date.now() and new Date() both read it.
+SHIFTED_CLOCK = """(function (offset) {
+  var RealDate = Date;
+  function ShiftedDate() {
+    if (!(this instanceof ShiftedDate)) return new RealDate(RealDate.now() + offset).toString();
+    if (!arguments.length) return new RealDate(RealDate.now() + offset);
+    return new (Function.prototype.bind.apply(RealDate, [null].concat([].slice.call(arguments))))();
+  }
+  ShiftedDate.prototype = RealDate.prototype;
+  ShiftedDate.now = function () { return RealDate.now() + offset; };
+  ShiftedDate.parse = RealDate.parse;
+  ShiftedDate.UTC = RealDate.UTC;
+  window.Date = ShiftedDate;
+})(%d);"""
+
+
+@pytest.mark.parametrize("hours", [1, -1], ids=["an-hour-fast", "an-hour-slow"])
+def test_a_browser_clock_an_hour_off_still_stores_events_at_the_right_time(driver, site, hours):
+    page, service = site
+    script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                                    {"source": SHIFTED_CLOCK % (hours * 3600 * 1000)})
+    try:
+        _open(driver, page, flushInterval=100)
+        assert abs(driver.execute_script("return Date.now()") / 1000 - time.time() - hours * 3600) < 60
+        before = time.time()
+        ids = _track(driver, "Skewed", 3)
+        stored = _wait_stored(service, driver, "Skewed", 3)
+        after = time.time()
+        assert sorted(e["event_id"] for e in stored) == sorted(ids)
+        for event in stored:  # the server's time of the track() call, not the page's
+            assert before - 2 <= event["ts"] <= after + 2, (event["ts"] - before) / 3600
+        assert driver.execute_script("return window.dropped") == []
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
 
 
 def test_usage_js_is_served_minified_cross_origin_and_under_6_kb(client):
