@@ -38,9 +38,12 @@ MAX_CLIENT_ID = 128
 # The client's clock is believed from 48 hours back (offline queues) to 5 minutes ahead (skew).
 TIMESTAMP_PAST_S = 48 * 3600
 TIMESTAMP_FUTURE_S = 5 * 60
+# A client clock within this of the server's is believed: shifting by sent_at would add the request's
+# transit time to every timestamp (and reorder events sent in two batches).
+CLOCK_TOLERANCE_S = 2.0
 SENT_AT_DOC = ("When the client sent this request, ISO 8601 with a time zone, by its own clock: the server "
-               "shifts each timestamp by its own clock minus this, as Segment and PostHog do, so a client "
-               "whose clock is wrong still records the right times")
+               "shifts each timestamp by its own clock minus this (when they differ by more than 2 s), as "
+               "Segment and PostHog do, so a client whose clock is wrong still records the right times")
 
 PropertyValue = Union[StrictBool, StrictInt, StrictFloat,
                       Annotated[StrictStr, Field(max_length=MAX_VALUE, pattern=VALUE_PATTERN)], None]
@@ -198,8 +201,10 @@ def optional_client_time(value):
 
 
 def _clock_skew(sent_at, now):
-    """Seconds to add to a time of the client's clock to get the server's: now - sent_at (0 without sent_at)."""
-    return now - datetime.fromisoformat(sent_at).timestamp() if sent_at else 0.0
+    """Seconds to add to a time of the client's clock to get the server's: now - sent_at, or 0 without sent_at
+    or when the two clocks agree within CLOCK_TOLERANCE_S (what is left is the request's transit time)."""
+    skew = now - datetime.fromisoformat(sent_at).timestamp() if sent_at else 0.0
+    return skew if abs(skew) > CLOCK_TOLERANCE_S else 0.0
 
 
 class SingleEvent(PublicEvent):

@@ -202,6 +202,17 @@ def test_sent_at_corrects_a_client_clock_that_is_wrong(keyed, clock_error):
     assert response.status_code == (202 if clock_error < timedelta(0) else 422)
 
 
+def test_a_client_clock_within_2_s_is_believed(keyed):
+    """The difference left is the request's transit time: the client's timestamp is stored as it is."""
+    now = datetime.now(timezone.utc)
+    when = now - timedelta(minutes=3)
+    response = keyed.test_client().post("/event", json={"event_name": "close", "api_key": KEY, "timestamp": _iso(when),
+                                                        "sent_at": _iso(now - timedelta(seconds=1.5))})
+    assert response.status_code == 202
+    [event] = _events(keyed)
+    assert event["ts"] == pytest.approx(when.timestamp(), abs=1e-3)
+
+
 def test_a_malformed_sent_at_is_a_422_naming_it(keyed):
     client = keyed.test_client()
     for bad in ("yesterday", "2026-12-04T10:00:00", 12):
