@@ -122,6 +122,21 @@ def test_gunicorn_refuses_a_word_for_web_concurrency_before_reading_its_config(t
     assert "Booting worker" not in output
 
 
+def test_the_systemd_units_pre_start_check_names_a_word_for_web_concurrency(tmp_path):
+    """deploy/usage-monitor.service runs this line before gunicorn: one line naming the variable, exit 1."""
+    unit = open(os.path.join(ROOT, "deploy", "usage-monitor.service"), encoding="utf-8").read()
+    [line] = [l.partition("=")[2] for l in unit.splitlines() if l.startswith("ExecStartPre=")]
+    args = line.split()[1:]  # the unit's own python: this test's
+    assert args[0] == "config.py" and "WEB_CONCURRENCY" in args
+    result = subprocess.run([sys.executable] + args, cwd=ROOT, env=_env(tmp_path, {"WEB_CONCURRENCY": "abc"}),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "WEB_CONCURRENCY" in result.stderr, result.stderr
+    ok = subprocess.run([sys.executable] + args, cwd=ROOT, env=_env(tmp_path, {"WEB_CONCURRENCY": "2"}),
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+
+
 def test_gunicorn_starts_with_good_settings(tmp_path):
     env = _env(tmp_path, {"WEB_CONCURRENCY": "1"})
     proc = subprocess.Popen([os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env,
