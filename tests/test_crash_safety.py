@@ -136,6 +136,7 @@ def test_kill_9_of_every_process_mid_stream_loses_no_accepted_event(tmp_path, mo
             received = fake.event_ids()
             missing = [e for e in accepted if e not in received]
             leftovers = os.listdir(tmp_path / "outbox" / "journal")
+        print(f"{mode} round {round_}: {len(accepted)} accepted before the kill, {len(missing)} missing")
         assert not missing, f"{len(missing)} of {len(accepted)} events answered 202 are missing after kill -9"
         assert not leftovers, f"the journals are removed once what they hold is safe: {leftovers}"
     finally:
