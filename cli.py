@@ -13,6 +13,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 
+from local_store.connection import sqlite_connect
 from log_analytics import UsageQueryError
 from monitoring_utils import UsageSourceUnavailable, get_usage_stats
 from telemetry import monitor_of
@@ -136,7 +137,7 @@ def _database(path):
         return out
     out["bytes"] = sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
     try:
-        conn = sqlite3.connect(pathlib.Path(path).as_uri() + "?mode=ro", uri=True, timeout=5)
+        conn = sqlite_connect(pathlib.Path(path).as_uri() + "?mode=ro", uri=True, timeout=5)
     except sqlite3.Error as exc:
         out["error"] = str(exc)
         return out

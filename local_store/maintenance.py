@@ -107,7 +107,7 @@ class Maintenance:
     def verify(self):
         """A reader saw a corrupt page: check the file with a fresh connection; move it aside if corrupt."""
         try:
-            probe = sqlite3.connect(self.writer.path, timeout=5, factory=connection.connection_factory)
+            probe = connection.sqlite_connect(self.writer.path, timeout=5, factory=connection.connection_factory)
             try:
                 result = probe.execute("PRAGMA quick_check(1)").fetchone()[0]
             finally:
@@ -265,7 +265,7 @@ class Maintenance:
         """
         path = state["path"]
         try:
-            source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw", uri=True,
+            source = connection.sqlite_connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw", uri=True,
                                      timeout=5, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             source, state["error"] = None, str(exc)
