@@ -11,6 +11,7 @@ import sqlalchemy
 from flask import Flask, current_app, jsonify
 
 import otel_bridge
+from azure_monitor import logger
 from app import UsageMonitor
 from fake_ingestion import FakeIngestion
 from telemetry import monitor_of
@@ -86,6 +87,7 @@ def create_db_host(config, tmp_path):
     def cache():
         client = redis.Redis(host="127.0.0.1", port=current_app.config["REDIS_PORT"], socket_timeout=5)
         client.set("greeting", "hello")
+        logger.warning("cache written")  # a log record inside the request: it carries the operation id
         return jsonify({"value": client.get("greeting").decode()})
 
     return host
@@ -131,6 +133,8 @@ def test_each_library_call_is_a_dependency_of_its_request_in_the_local_store(loc
         [("HTTP", backend.netloc, "GET /ok", 1)], call
     cache = by_op[ops["/cache"]]
     assert {r["type"] for r in cache} == {"redis"} and len(cache) == 2, cache
+    traces = _rows(local_host, "SELECT operation_id FROM traces WHERE message = 'cache written'")
+    assert traces == [{"operation_id": ops["/cache"]}], "a log record inside the request carries its operation id"
     assert all(r["target"].startswith("127.0.0.1") for r in cache), cache
     broken = by_op[ops["/broken-query"]]
     assert [(r["type"], r["success"], r["result_code"]) for r in broken] == [("SQL", 0, "sqlite3.OperationalError")], broken
@@ -196,6 +200,9 @@ def test_dependencies_arrive_as_remote_dependency_data_under_their_request(azure
     assert {d["type"] for d in cache} == {"redis"} and all(d["success"] for d in cache), cache
     [(_, broken)] = by_op[ops["/broken-query"]]
     assert (broken["type"], broken["success"]) == ("SQL", False), broken
+    messages = ingestion.wait_for(lambda f: [m for m in f.of_type("MessageData")
+                                             if m["data"]["baseData"]["message"] == "cache written"])
+    assert [m["tags"]["ai.operation.id"] for m in messages] == [ops["/cache"]]
     secret = [data for _parent, data in by_op[ops["/secret"]] if "UPDATE" in data["data"]]
     assert secret and all("hunter2" not in d["data"] and "[REDACTED]" in d["data"] for d in secret), secret
 
