@@ -67,9 +67,10 @@ def render_usage(stats):
             ("operation", "count", "failed", "p95 ms"),
             [(o["name"], o["count"], o["failed"], _ms(o["p95_ms"])) for o in req["top_operations"]], "lrrr")),
         _section("Top dependency targets", _table(
-            ("type", "target", "count", "failed", "avg ms"),
-            [(t["type"], t["target"], t["count"], t["failed"], _ms(t["avg_ms"])) for t in dep["top_targets"]],
-            "llrrr")),
+            ("type", "target", "count", "failed", "avg ms", "p95 ms"),
+            [(t["type"], t["target"], t["count"], t["failed"], _ms(t["avg_ms"]), _ms(t.get("p95_ms")))
+             for t in dep["top_targets"]],
+            "llrrrr")),
         _section("Top events", _table(
             ("event", "count", "users"), [(e["name"], e["count"], e["users"]) for e in evt["top"]], "lrr")),
         _section("CRUD by entity", _table(

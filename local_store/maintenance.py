@@ -426,7 +426,8 @@ _ROLLUP_PRUNE = tuple((table, key, "day < ?") for table, key in (
     ("ev_day_top", "day, name"), ("req_day_top", "day, name"), ("dep_day_top", "day, type, target"),
     ("ev_day", "day, name"), ("ev_user_day", "day, user_id"), ("ev_day_users", "day"),
     ("ev_anonymous_day", "day, id"), ("ev_session_day", "day, id"), ("crud_day", "rowid"),
-    ("req_day", "day, name"), ("req_hist_all", "day, bucket"), ("dep_day", "day, type, target"))) + (
+    ("req_day", "day, name"), ("req_hist_all", "day, bucket"), ("dep_day", "day, type, target"),
+    ("dep_hist", "day, type, target, bucket"), ("dep_hist_all", "day, bucket"))) + (
     ("ev_user_last", "user_id", "last_day < ?"), ("ev_anonymous_last", "id", "last_day < ?"),
     ("ev_session_last", "id", "last_day < ?"))
 # Rollup tables keyed by name first.
