@@ -166,25 +166,26 @@ def _processor():
         def on_end(self, span):
             """Record the span as a dependency of the request being served (never raises into the caller)."""
             monitor = _monitor()
-            if monitor is None or not is_dependency(span):
+            if monitor is None:
                 return
-            record = to_record(span, telemetry.current_request_state(), monitor.settings.redact_keys)
+            attributes = dict(span.attributes or {})  # one copy: each read of the span's mapping takes a lock
+            if not is_dependency(span, attributes):
+                return
+            record = to_record(span, telemetry.current_request_state(), monitor.settings.redact_keys, attributes)
             monitor.track_dependency(record)  # counts and logs its own failures, never raises
 
     return DependencyBridge()
 
 
-def is_dependency(span):
+def is_dependency(span, attributes):
     """A CLIENT or PRODUCER span, or any span about a database call."""
     from opentelemetry.trace import SpanKind
-    attributes = span.attributes or {}
     return span.kind in (SpanKind.CLIENT, SpanKind.PRODUCER) or "db.system" in attributes \
         or "db.system.name" in attributes
 
 
-def to_record(span, state, redact_keys):
-    """One ended span as a DependencyRecord under the request `state` (None outside a request)."""
-    attributes = span.attributes or {}
+def to_record(span, state, redact_keys, attributes):
+    """One ended span (its attributes as a dict) as a DependencyRecord under the request `state` (None outside a request)."""
     fields = _http_fields(attributes) if _url_of(attributes) else _db_fields(span, attributes, redact_keys)
     parent = span.parent
     parent_id = f"{parent.span_id:016x}" if parent is not None and parent.is_valid and not parent.is_remote \
