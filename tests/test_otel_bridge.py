@@ -1,7 +1,10 @@
 """OpenTelemetry instrumentations through the bridge (otel_bridge): SQLAlchemy over SQLite, plain sqlite3,
 httpx against a local server and a real redis-server become dependencies of the request that made them, in the
 local store and as RemoteDependencyData at the fake ingestion endpoint."""
+import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 
 import httpx
@@ -19,6 +22,7 @@ from test_limit_store import RedisServer
 from test_production import _free_port
 
 INSTRUMENT = ("sqlalchemy", "sqlite3", "httpx", "redis")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -211,3 +215,29 @@ def test_unknown_instrumentation_is_refused(tmp_path):
     from config import ConfigError
     with pytest.raises(ConfigError, match="unknown instrumentation"):
         UsageMonitor(Flask(__name__), instrument=("sqlalchemy", "mysqlx"))
+
+
+def test_the_setting_names_the_instrumentations_and_one_not_installed_is_skipped_with_a_warning(tmp_path, caplog):
+    host = Flask(__name__)
+    host.config.update({"TELEMETRY_DB": str(tmp_path / "t.db"), "OTEL_INSTRUMENT": "sqlite3, psycopg"})
+    monitor = UsageMonitor(host, routes=False)
+    assert "sqlite3" in monitor.instrumented and "psycopg" not in monitor.instrumented
+    assert any("opentelemetry-instrumentation-psycopg is not installed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_statement_naming_a_redaction_word_loses_its_literals():
+    from security import redact_statement
+    keys = ("password", "token")
+    assert redact_statement("UPDATE users SET password = 'hunter2' WHERE name = 'o''brien'", keys) == \
+        "UPDATE users SET password = '[REDACTED]' WHERE name = '[REDACTED]'"
+    assert redact_statement("SELECT * FROM users WHERE name = 'bob'", keys) == "SELECT * FROM users WHERE name = 'bob'"
+    assert redact_statement("SELECT token FROM t WHERE id = ?", keys) == "SELECT token FROM t WHERE id = ?"
+
+
+def test_without_instrumentations_the_bridge_loads_nothing(tmp_path):
+    code = ("import sys; from flask import Flask; from app import UsageMonitor; host = Flask('h');"
+            f" host.config['TELEMETRY_DB'] = {str(tmp_path / 't.db')!r}; monitor = UsageMonitor(host);"
+            " print(monitor.instrumented, sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "OTEL_INSTRUMENT": ""}, check=True).stdout
+    assert out.strip() == "[] []"
