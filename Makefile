@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed tests/kql/node_modules/.installed tests/js/node_modules/.installed system-packages
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-otel.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt

@@ -116,6 +116,10 @@ class DailyRequests(DailyFailed):
     p95_ms: Annotated[Ms, Field(description="95th percentile duration that day; null without requests")]
 
 
+class DailyDependencies(DailyFailed):
+    p95_ms: Annotated[Ms, Field(description="95th percentile duration that day; null without dependencies")]
+
+
 class DailyUsers(BaseModel):
     date: str
     users: int
@@ -134,6 +138,7 @@ class TopTarget(BaseModel):
     count: int
     failed: int
     avg_ms: Ms
+    p95_ms: Annotated[Ms, Field(description="95th percentile duration of the calls to this target")]
 
 
 class TopEvent(BaseModel):
@@ -163,7 +168,7 @@ class DependencyStats(BaseModel):
     total: int
     failed: int
     avg_ms: Ms
-    daily: List[DailyFailed]
+    daily: List[DailyDependencies]
     top_targets: List[TopTarget]
 
 

@@ -115,7 +115,7 @@ def request_envelope(ikey, rec, rate):
 
 
 def dependency_envelope(ikey, rec, rate):
-    """A DependencyRecord as the RemoteDependencyData envelope of a CLIENT span (an HTTP call)."""
+    """A DependencyRecord as the RemoteDependencyData envelope of a CLIENT span (an HTTP or database call)."""
     start, duration = _span_times(rec.timestamp, rec.duration_ms)
     tags = _span_tags(rec)
     url = urlparse(rec.data)
@@ -125,9 +125,13 @@ def dependency_envelope(ikey, rec, rate):
     else:  # no response: the span's status says whether the call failed
         result_code, success = ("0", True) if rec.success else ("2", False)
         properties["error.name"] = rec.result_code
-    data = _build(RemoteDependency, {"name": f"{rec.method} {url.path}", "id": rec.span_id, "resultCode": result_code,
+    if rec.type == "HTTP":
+        name, target = f"{rec.method} {url.path}", url.netloc
+    else:  # a database or other client span from the OpenTelemetry bridge: its own name and target
+        name, target = rec.name, rec.target
+    data = _build(RemoteDependency, {"name": name, "id": rec.span_id, "resultCode": result_code,
                                      "duration": duration, "success": success, "properties": properties, "ver": 2,
-                                     "type": rec.type, "data": rec.data, "target": url.netloc})
+                                     "type": rec.type, "data": rec.data, "target": target})
     return _span_envelope(ikey, tags, start, "Microsoft.ApplicationInsights.RemoteDependency", data,
                           "RemoteDependencyData", rate)
 

@@ -13,6 +13,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 
+from local_store.connection import sqlite_connect
 from log_analytics import UsageQueryError
 from monitoring_utils import UsageSourceUnavailable, get_usage_stats
 from telemetry import monitor_of
@@ -66,9 +67,10 @@ def render_usage(stats):
             ("operation", "count", "failed", "p95 ms"),
             [(o["name"], o["count"], o["failed"], _ms(o["p95_ms"])) for o in req["top_operations"]], "lrrr")),
         _section("Top dependency targets", _table(
-            ("type", "target", "count", "failed", "avg ms"),
-            [(t["type"], t["target"], t["count"], t["failed"], _ms(t["avg_ms"])) for t in dep["top_targets"]],
-            "llrrr")),
+            ("type", "target", "count", "failed", "avg ms", "p95 ms"),
+            [(t["type"], t["target"], t["count"], t["failed"], _ms(t["avg_ms"]), _ms(t.get("p95_ms")))
+             for t in dep["top_targets"]],
+            "llrrrr")),
         _section("Top events", _table(
             ("event", "count", "users"), [(e["name"], e["count"], e["users"]) for e in evt["top"]], "lrr")),
         _section("CRUD by entity", _table(
@@ -136,7 +138,7 @@ def _database(path):
         return out
     out["bytes"] = sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
     try:
-        conn = sqlite3.connect(pathlib.Path(path).as_uri() + "?mode=ro", uri=True, timeout=5)
+        conn = sqlite_connect(pathlib.Path(path).as_uri() + "?mode=ro", uri=True, timeout=5)
     except sqlite3.Error as exc:
         out["error"] = str(exc)
         return out

@@ -66,6 +66,7 @@ class Settings:
                           "session", "api_key", "apikey", "credential", "private_key")
     trusted_proxies: int = 0
     trace_log_level: str = "INFO"
+    otel_instrument: tuple = ()  # OpenTelemetry instrumentations whose spans become dependencies (otel_bridge)
     health_ingestion_grace: float = 300.0
     health_min_free_mb: float = 100.0
     # Parsed from the connection string; not read from the environment.

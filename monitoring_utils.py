@@ -94,10 +94,10 @@ def build_usage(rows, start, end, days, source):
             "total": int(dep.get("count") or 0),
             "failed": int(dep.get("failed") or 0),
             "avg_ms": _num(dep.get("avg_ms")),
-            "daily": _daily(many("dep_daily"), dates, "count", "failed"),
+            "daily": _daily(many("dep_daily"), dates, "count", "failed", ms=("p95_ms",)),
             "top_targets": [
                 {"type": r["type"], "target": r["target"], "count": int(r["count"]),
-                 "failed": int(r["failed"] or 0), "avg_ms": _num(r["avg_ms"])}
+                 "failed": int(r["failed"] or 0), "avg_ms": _num(r["avg_ms"]), "p95_ms": _num(r.get("p95_ms"))}
                 for r in many("dep_top")],
         },
         "events": {

@@ -258,3 +258,15 @@ def _redaction_decisions(redact_keys):
 def _redaction_pattern(redact_keys):
     """One compiled alternation of the (lower-case) redaction words, or None."""
     return re.compile("|".join(re.escape(word) for word in redact_keys)) if redact_keys else None
+
+
+_SQL_LITERAL = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+
+
+def redact_statement(statement, redact_keys):
+    """A database statement with every quoted literal replaced when it names a redaction word
+    (`... WHERE password = 'x'`); placeholders (`?`, `%s`) carry no values and are kept."""
+    pattern = _redaction_pattern(redact_keys)
+    if pattern is None or not statement or pattern.search(statement.lower()) is None:
+        return statement
+    return _SQL_LITERAL.sub(f"'{REDACTED}'", statement)

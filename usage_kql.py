@@ -96,18 +96,19 @@ union
         ['count'] = n, failed = f, users = 0, avg_ms = iff(n > 0, w / n, real(null)),
         p50_ms = real(null), p95_ms = real(null), p99_ms = real(null)),
 (Dep
-    | summarize n = sum(ItemCount), f = sumif(ItemCount, Success == false) by d = startofday(TimeGenerated)
+    | summarize n = sum(ItemCount), f = sumif(ItemCount, Success == false),
+        p95 = percentilew(DurationMs, ItemCount, 95) by d = startofday(TimeGenerated)
     | project section = "dep_daily", day = format_datetime(d, 'yyyy-MM-dd'), name = "", type = "", target = "",
         action = "", ['count'] = n, failed = f, users = 0, avg_ms = real(null),
-        p50_ms = real(null), p95_ms = real(null), p99_ms = real(null)),
+        p50_ms = real(null), p95_ms = p95, p99_ms = real(null)),
 (Dep
     | summarize n = sum(ItemCount), f = sumif(ItemCount, Success == false),
-        w = sum(DurationMs * ItemCount) by DependencyType, Target
+        w = sum(DurationMs * ItemCount), p95 = percentilew(DurationMs, ItemCount, 95) by DependencyType, Target
     | sort by n desc, DependencyType asc, Target asc
     | take {top}
     | project section = "dep_top", day = "", name = "", type = DependencyType, target = Target, action = "",
         ['count'] = n, failed = f, users = 0, avg_ms = iff(n > 0, w / n, real(null)),
-        p50_ms = real(null), p95_ms = real(null), p99_ms = real(null)),
+        p50_ms = real(null), p95_ms = p95, p99_ms = real(null)),
 (Evt
     | summarize n = sum(ItemCount)
     | project section = "evt_summary", day = "", name = "", type = "", target = "", action = "",

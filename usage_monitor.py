@@ -9,6 +9,7 @@ import threading
 import time
 
 import cli
+import otel_bridge
 import request_tracking
 import security
 import views
@@ -31,12 +32,16 @@ class UsageMonitor:
 
     `routes=False` registers only the hooks (request timing, dependency tracking, traces), for a
     host that serves its own routes. `credential` is the Log Analytics TokenCredential used in
-    Azure mode (DefaultAzureCredential when None).
+    Azure mode (DefaultAzureCredential when None). `instrument` names the OpenTelemetry
+    instrumentations whose spans become dependencies ("sqlalchemy", "sqlite3", "httpx", "redis", ...;
+    the OTEL_INSTRUMENT setting when None); `requests` calls are always tracked.
     """
 
-    def __init__(self, app=None, *, routes=True, credential=None):
+    def __init__(self, app=None, *, routes=True, credential=None, instrument=None):
         self.routes = routes
         self.credential = credential
+        self.instrument = instrument
+        self.instrumented = []
         self.app = None
         self.settings = self.sink = self.source = self.limiter = self.limit_store = None
         self.source_name = ""
@@ -60,6 +65,7 @@ class UsageMonitor:
         self.app = app
         self._setup_sink()
         self._setup_hooks(app)
+        self._setup_instrumentations()
         self.limiter, self._rate_limits, self.limit_store = security.init_app(app, self.settings)
         install_trace_forwarder(self.settings.trace_log_level)
         if self.routes:
@@ -101,6 +107,14 @@ class UsageMonitor:
         app.before_request(request_tracking.start_request)
         app.after_request(request_tracking.finish_request)
         request_tracking.instrument_requests()
+
+    def _setup_instrumentations(self):
+        """Start the named OpenTelemetry instrumentations in this process (once each; see otel_bridge)."""
+        names = self.instrument if self.instrument is not None else self.settings.otel_instrument
+        try:
+            self.instrumented = otel_bridge.instrument(names)
+        except ValueError as exc:
+            raise ConfigError(f"OTEL_INSTRUMENT: {exc}") from None
 
     def check_rate_limit(self, name):
         """Apply the rate limit `name` ('event' or 'dashboard') to the current request (429 when over)."""

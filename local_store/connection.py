@@ -11,6 +11,13 @@ from datetime import datetime, timezone
 connection_factory = sqlite3.Connection
 
 
+def sqlite_connect(*args, **kwargs):
+    """sqlite3.connect as the standard library has it, even when an OpenTelemetry sqlite3
+    instrumentation wrapped it: the store's own SQL is never a dependency of the host's requests."""
+    connect_ = sqlite3.connect
+    return getattr(connect_, "__wrapped__", connect_)(*args, **kwargs)
+
+
 def connect(path, timeout=30.0):
     """Open the store with WAL and a busy timeout.
 
@@ -19,7 +26,7 @@ def connect(path, timeout=30.0):
     the same moment) holds it: retry that for up to `timeout` seconds instead of failing the
     worker's boot. A file already in WAL mode is not switched again.
     """
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False,
+    conn = sqlite_connect(path, timeout=timeout, isolation_level=None, check_same_thread=False,
                            factory=connection_factory)
     deadline = time.monotonic() + timeout
     delay = 0.005

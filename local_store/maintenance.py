@@ -107,7 +107,7 @@ class Maintenance:
     def verify(self):
         """A reader saw a corrupt page: check the file with a fresh connection; move it aside if corrupt."""
         try:
-            probe = sqlite3.connect(self.writer.path, timeout=5, factory=connection.connection_factory)
+            probe = connection.sqlite_connect(self.writer.path, timeout=5, factory=connection.connection_factory)
             try:
                 result = probe.execute("PRAGMA quick_check(1)").fetchone()[0]
             finally:
@@ -265,7 +265,7 @@ class Maintenance:
         """
         path = state["path"]
         try:
-            source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw", uri=True,
+            source = connection.sqlite_connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw", uri=True,
                                      timeout=5, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             source, state["error"] = None, str(exc)
@@ -426,7 +426,8 @@ _ROLLUP_PRUNE = tuple((table, key, "day < ?") for table, key in (
     ("ev_day_top", "day, name"), ("req_day_top", "day, name"), ("dep_day_top", "day, type, target"),
     ("ev_day", "day, name"), ("ev_user_day", "day, user_id"), ("ev_day_users", "day"),
     ("ev_anonymous_day", "day, id"), ("ev_session_day", "day, id"), ("crud_day", "rowid"),
-    ("req_day", "day, name"), ("req_hist_all", "day, bucket"), ("dep_day", "day, type, target"))) + (
+    ("req_day", "day, name"), ("req_hist_all", "day, bucket"), ("dep_day", "day, type, target"),
+    ("dep_hist", "day, type, target, bucket"), ("dep_hist_all", "day, bucket"))) + (
     ("ev_user_last", "user_id", "last_day < ?"), ("ev_anonymous_last", "id", "last_day < ?"),
     ("ev_session_last", "id", "last_day < ?"))
 # Rollup tables keyed by name first.

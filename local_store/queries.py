@@ -10,7 +10,7 @@ from the raw tables (slower, exact) until the next start-up rebuilds the rollups
 Top lists merge the compacted days' top rows (see maintenance.compact_day; OTHER rows left out)
 with the live rows of the other days: exact while a day has at most TOP_K names, approximate beyond.
 
-Latency percentiles from the rollups: per day (and per request name) a histogram over fixed
+Latency percentiles from the rollups: per day (and per request name, or dependency type and target) a histogram over fixed
 log-scale buckets, 16 per doubling (each bucket's upper edge is 2^(1/16) = 1.044 times its
 lower edge), keeping the count and the smallest and largest duration in each bucket. The
 nearest-rank percentile is located exactly (its bucket and its rank within the bucket); its
@@ -161,14 +161,24 @@ def rollup_usage_rows(conn, d0, d1, top, users="last"):
         "SELECT COALESCE(SUM(n), 0), COALESCE(SUM(failed), 0), SUM(sum_ms) FROM dep_day_total"
         " WHERE day BETWEEN ? AND ?", days).fetchone()
     yield _row("dep_summary", count=total, failed=failed, avg_ms=_avg(sum_ms, total))
+    dep_p95_by_day = {day: _percentiles([(n, lo, hi) for _, n, lo, hi in buckets], (0.95,))[0]
+                      for day, buckets in itertools.groupby(conn.execute(
+                          "SELECT day, n, min_ms, max_ms FROM dep_hist_all WHERE day BETWEEN ? AND ?"
+                          " ORDER BY day, bucket", days), key=lambda r: r[0])}
     for day, count, failed in conn.execute(
             "SELECT day, n, failed FROM dep_day_total WHERE day BETWEEN ? AND ?", days):
-        yield _row("dep_daily", day=day, count=count, failed=failed)
+        yield _row("dep_daily", day=day, count=count, failed=failed, p95_ms=dep_p95_by_day.get(day))
     dep, dep_p = source("dep_day", "dep_day_top", "type, target, n, failed, sum_ms", "type")
+    window = _window_days(d0, d1)  # one seek per day and target
     for typ, target, count, failed, sum_ms in conn.execute(
             f"SELECT type, target, SUM(n), SUM(failed), SUM(sum_ms) FROM {dep}"
-            " GROUP BY type, target ORDER BY SUM(n) DESC, target LIMIT ?", dep_p + (top,)):
-        yield _row("dep_top", type=typ, target=target, count=count, failed=failed, avg_ms=_avg(sum_ms, count))
+            " GROUP BY type, target ORDER BY SUM(n) DESC, target LIMIT ?", dep_p + (top,)).fetchall():
+        hist = conn.execute(
+            "SELECT SUM(n), MIN(min_ms), MAX(max_ms) FROM dep_hist WHERE type = ? AND target = ?"
+            f" AND day IN ({', '.join('?' * len(window))}) GROUP BY bucket ORDER BY bucket",
+            (typ, target) + tuple(window)).fetchall()
+        yield _row("dep_top", type=typ, target=target, count=count, failed=failed, avg_ms=_avg(sum_ms, count),
+                   p95_ms=_percentiles(hist, (0.95,))[0])
 
     (total,) = conn.execute("SELECT COALESCE(SUM(n), 0) FROM ev_day_total WHERE day BETWEEN ? AND ?",
                             days).fetchone()
@@ -243,15 +253,19 @@ def raw_usage_rows(conn, t0, t1, top):
         "SELECT COUNT(*), COALESCE(SUM(success = 0), 0), AVG(duration_ms) FROM dependencies"
         " WHERE ts BETWEEN ? AND ?", span).fetchone()
     yield _row("dep_summary", count=total, failed=failed, avg_ms=avg)
-    for day, count, failed in conn.execute(
-            "SELECT day, COUNT(*), SUM(success = 0) FROM dependencies WHERE ts BETWEEN ? AND ?"
-            " GROUP BY day", span):
-        yield _row("dep_daily", day=day, count=count, failed=failed)
-    for typ, target, count, failed, avg in conn.execute(
-            "SELECT type, target, COUNT(*), SUM(success = 0), AVG(duration_ms) FROM dependencies"
-            " WHERE ts BETWEEN ? AND ? GROUP BY type, target ORDER BY COUNT(*) DESC, target"
-            " LIMIT ?", span + (top,)):
-        yield _row("dep_top", type=typ, target=target, count=count, failed=failed, avg_ms=avg)
+    dep_ranked = ("WITH r AS (SELECT day, type, target, duration_ms, success,"
+                  " ROW_NUMBER() OVER (PARTITION BY {part} ORDER BY duration_ms) AS rn,"
+                  " COUNT(*) OVER (PARTITION BY {part}) AS n"
+                  " FROM dependencies WHERE ts BETWEEN ? AND ?) ")
+    for day, count, failed, p95 in conn.execute(
+            dep_ranked.format(part="day") + "SELECT day, COUNT(*), SUM(success = 0), "
+            + _percentile_sql(0.95) + " FROM r GROUP BY day", span):
+        yield _row("dep_daily", day=day, count=count, failed=failed, p95_ms=p95)
+    for typ, target, count, failed, avg, p95 in conn.execute(
+            dep_ranked.format(part="type, target") + "SELECT type, target, COUNT(*), SUM(success = 0),"
+            " AVG(duration_ms), " + _percentile_sql(0.95) + " FROM r GROUP BY type, target"
+            " ORDER BY COUNT(*) DESC, target LIMIT ?", span + (top,)):
+        yield _row("dep_top", type=typ, target=target, count=count, failed=failed, avg_ms=avg, p95_ms=p95)
 
     (total,) = conn.execute("SELECT COUNT(*) FROM events WHERE ts BETWEEN ? AND ?", span).fetchone()
     yield _row("evt_summary", count=total)

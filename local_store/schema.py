@@ -18,7 +18,7 @@
 """
 import sqlite3
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5  # 5: dependency latency histograms (dep_hist, dep_hist_all)
 BUCKETS_PER_OCTAVE = 16
 
 # The key of the row that sums the names outside a compacted day's top list (see maintenance).
@@ -90,6 +90,12 @@ CREATE TABLE IF NOT EXISTS dep_day (
     day TEXT NOT NULL, type TEXT NOT NULL, target TEXT NOT NULL, n INTEGER NOT NULL,
     failed INTEGER NOT NULL, sum_ms REAL NOT NULL, max_ts REAL NOT NULL,
     PRIMARY KEY (day, type, target)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dep_hist (
+    day TEXT NOT NULL, type TEXT NOT NULL, target TEXT NOT NULL, bucket INTEGER NOT NULL, n INTEGER NOT NULL,
+    min_ms REAL NOT NULL, max_ms REAL NOT NULL, PRIMARY KEY (day, type, target, bucket)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dep_hist_all (
+    day TEXT NOT NULL, bucket INTEGER NOT NULL, n INTEGER NOT NULL,
+    min_ms REAL NOT NULL, max_ms REAL NOT NULL, PRIMARY KEY (day, bucket)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ev_day_total (
     day TEXT PRIMARY KEY, n INTEGER NOT NULL, max_ts REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS req_day_total (
@@ -207,6 +213,14 @@ CREATE TRIGGER IF NOT EXISTS dependencies_rollup AFTER INSERT ON dependencies BE
     VALUES (NEW.day, NEW.type, NEW.target, 1, NEW.success = 0, NEW.duration_ms, NEW.ts)
     ON CONFLICT (day, type, target) DO UPDATE SET n = n + 1, failed = failed + excluded.failed,
       sum_ms = sum_ms + excluded.sum_ms, max_ts = max(max_ts, excluded.max_ts);
+  INSERT INTO dep_hist (day, type, target, bucket, n, min_ms, max_ms)
+    VALUES (NEW.day, NEW.type, NEW.target, {bucket}, 1, NEW.duration_ms, NEW.duration_ms)
+    ON CONFLICT (day, type, target, bucket) DO UPDATE SET n = n + 1,
+      min_ms = min(min_ms, excluded.min_ms), max_ms = max(max_ms, excluded.max_ms);
+  INSERT INTO dep_hist_all (day, bucket, n, min_ms, max_ms)
+    VALUES (NEW.day, {bucket}, 1, NEW.duration_ms, NEW.duration_ms)
+    ON CONFLICT (day, bucket) DO UPDATE SET n = n + 1,
+      min_ms = min(min_ms, excluded.min_ms), max_ms = max(max_ms, excluded.max_ms);
 END;
 """.format(bucket=_BUCKET_OF.format(x="NEW.duration_ms")) + "".join(
     # Rows changed or removed behind the insert triggers: the rollups no longer match, so the
@@ -236,7 +250,7 @@ SCHEMA = _TABLES + _TRIGGERS + _SEED
 _ROLLUP_TABLES = COMPACTED_TABLES + TOTAL_TABLES + (
                   "ev_day", "ev_user_day", "ev_day_users", "ev_name_user_day", "ev_user_last", "ev_name_user_last",
                   "ev_anonymous_day", "ev_anonymous_last", "ev_session_day", "ev_session_last", "crud_day",
-                  "req_day", "req_hist", "req_hist_all", "dep_day")
+                  "req_day", "req_hist", "req_hist_all", "dep_day", "dep_hist", "dep_hist_all")
 
 _ID_REBUILD = "".join(f"""
 INSERT INTO ev_{kind}_day (day, id) SELECT DISTINCT day, {column} FROM events WHERE {column} <> '';
@@ -264,6 +278,12 @@ INSERT INTO req_hist_all (day, bucket, n, min_ms, max_ms)
 INSERT INTO dep_day (day, type, target, n, failed, sum_ms, max_ts)
   SELECT day, type, target, COUNT(*), SUM(success = 0), SUM(duration_ms), MAX(ts)
   FROM dependencies GROUP BY day, type, target;
+INSERT INTO dep_hist (day, type, target, bucket, n, min_ms, max_ms)
+  SELECT day, type, target, b, COUNT(*), MIN(duration_ms), MAX(duration_ms)
+  FROM (SELECT day, type, target, duration_ms, {bucket} AS b FROM dependencies) GROUP BY day, type, target, b;
+INSERT INTO dep_hist_all (day, bucket, n, min_ms, max_ms)
+  SELECT day, b, COUNT(*), MIN(duration_ms), MAX(duration_ms)
+  FROM (SELECT day, duration_ms, {bucket} AS b FROM dependencies) GROUP BY day, b;
 """.format(bucket=_BUCKET_OF.format(x="duration_ms")) + _TOTALS_FILL + """
 INSERT OR REPLACE INTO store_meta (key, value) VALUES ('rollups', 'complete');
 """

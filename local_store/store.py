@@ -10,7 +10,8 @@ import time
 from config import ConfigError, Settings
 from journal import claim_orphans
 from local_store import pending
-from local_store.connection import classify, connect, diagnose, file_identity, rollback, write_transaction
+from local_store.connection import (classify, connect, diagnose, file_identity, rollback, sqlite_connect,
+                                    write_transaction)
 from local_store.maintenance import used_mb
 from local_store.queries import usage_rows
 from local_store.rows import encode, event_row, insert_many, max_params
@@ -315,7 +316,7 @@ class LocalStore:
             missing = self._prepare_read(force=attempt == 2)
             with self.gate.reading():
                 if missing:  # deleted and not recreated yet: an empty store's figures
-                    conn = sqlite3.connect(":memory:")
+                    conn = sqlite_connect(":memory:")
                     conn.executescript(SCHEMA)
                 else:
                     conn = connect(self.path)

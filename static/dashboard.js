@@ -95,7 +95,8 @@
       return [r.name, formatCount(r.count), formatCount(r.failed), formatMs(r.p95_ms).replace(" ms", "")];
     }, 1);
     table("targets", report.dependencies.top_targets, function (r) {
-      return [r.type, r.target, formatCount(r.count), formatCount(r.failed), formatMs(r.avg_ms).replace(" ms", "")];
+      return [r.type, r.target, formatCount(r.count), formatCount(r.failed), formatMs(r.avg_ms).replace(" ms", ""),
+              formatMs(r.p95_ms).replace(" ms", "")];
     }, 2);
     table("events", report.events.top, function (r) { return [r.name, formatCount(r.count), formatCount(r.users)]; }, 1);
     table("crud", report.crud.by_entity, function (r) {

@@ -288,3 +288,20 @@ def test_a_store_of_the_previous_version_gets_its_daily_totals(store, now):
     _insert(s2.path, events=[(now - 60, "New")])  # and the triggers keep them
     fast, raw = s2.rows(start, end), _raw(s2.path, start, end)
     _assert_same_totals(fast, raw)
+
+
+def test_a_version_4_store_gets_dependency_latency_histograms(store, now):
+    s = store()
+    _fill(s.path, now, days=3, names_per_day=2)
+    conn = connect(s.path)  # as version 4 left it: no dependency histograms
+    for table in ("dep_hist", "dep_hist_all"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    s2 = store()  # migrate() replaces the triggers and rebuilds every rollup from the raw rows
+    start, end = _window(now, 3)
+    fast, raw = s2.rows(start, end), _raw(s2.path, start, end)
+    for section in ("dep_daily", "dep_top"):
+        got = sorted((r["day"], r["target"], r["p95_ms"]) for r in _section(fast, section))
+        assert got and all(p95 is not None for *_, p95 in got), section
+        assert got == sorted((r["day"], r["target"], r["p95_ms"]) for r in _section(raw, section))

@@ -76,7 +76,7 @@ def _assert_daily_shape(doc, days):
     expected = [(today - timedelta(days=days - 1 - i)).isoformat() for i in range(days)]
     latency = {"avg_ms", "p95_ms"}
     for daily, fields in ((doc["requests"]["daily"], {"date", "count", "failed"} | latency),
-                          (doc["dependencies"]["daily"], {"date", "count", "failed"}),
+                          (doc["dependencies"]["daily"], {"date", "count", "failed", "p95_ms"}),
                           (doc["events"]["daily"], {"date", "count"}),
                           (doc["users"]["daily_active"], {"date", "users"})):
         assert [entry["date"] for entry in daily] == expected
@@ -126,10 +126,10 @@ def _insert_event(conn, ts, name="OldEvent", user_id=""):
                  (event_id, ts, _utc_day(ts), name, user_id, '{"event_id":"%s"}' % event_id))
 
 
-def _insert_dependency(conn, ts, target="old.example:443", success=True):
+def _insert_dependency(conn, ts, target="old.example:443", success=True, type_="HTTP", duration_ms=5.0):
     conn.execute("INSERT INTO dependencies (ts, day, type, target, name, result_code, success, duration_ms,"
-                 " operation_id) VALUES (?, ?, 'HTTP', ?, 'GET /', ?, ?, 5.0, '')",
-                 (ts, _utc_day(ts), target, "200" if success else "500", int(success)))
+                 " operation_id) VALUES (?, ?, ?, ?, 'GET /', ?, ?, ?, '')",
+                 (ts, _utc_day(ts), type_, target, "200" if success else "500", int(success), duration_ms))
 
 
 # -- the whole picture ----------------------------------------------------
@@ -250,7 +250,7 @@ def test_window_boundaries_and_daily_placement(app, client):
     assert week["users"]["unique_users"] == 1
     assert week["users"]["daily_active"][0] == {"date": first, "users": 1}
     assert (week["dependencies"]["total"], week["dependencies"]["failed"]) == (1, 1)
-    assert week["dependencies"]["daily"][0] == {"date": first, "count": 1, "failed": 1}
+    assert week["dependencies"]["daily"][0] == {"date": first, "count": 1, "failed": 1, "p95_ms": 5.0}
     assert sum(d["count"] for d in week["dependencies"]["daily"]) == 1
     _flush(app)
 
@@ -272,9 +272,10 @@ def test_window_boundaries_and_daily_placement(app, client):
     assert month["users"]["unique_users"] == 3
     assert _by_date(month["users"]["daily_active"])[old_day]["users"] == 1
     assert month["dependencies"]["total"] == 3
-    assert _by_date(month["dependencies"]["daily"])[old_day] == {"date": old_day, "count": 1, "failed": 1}
+    assert _by_date(month["dependencies"]["daily"])[old_day] == {"date": old_day, "count": 1, "failed": 1,
+                                                                 "p95_ms": 5.0}
     assert month["dependencies"]["top_targets"] == [
-        {"type": "HTTP", "target": "old.example:443", "count": 3, "failed": 3, "avg_ms": 5.0}]
+        {"type": "HTTP", "target": "old.example:443", "count": 3, "failed": 3, "avg_ms": 5.0, "p95_ms": 5.0}]
 
 
 def test_rows_older_than_ninety_days_never_count(app, client):
@@ -354,6 +355,33 @@ def test_daily_latency_is_exact_and_the_rollups_agree_with_the_raw_rows(app, mon
     assert len(empty) == 5 and all(d["avg_ms"] is None and d["p95_ms"] is None and d["count"] == 0
                                    for d in empty)
     assert from_raw == from_rollups
+
+
+def test_dependency_p95_per_day_and_target_from_the_rollups_and_the_raw_rows_agree(app):
+    """dependencies.daily[].p95_ms and top_targets[].p95_ms: exact, the same from the rollups and from raw SQL."""
+    _ensure_schema(app)
+    today = _today()
+    seeded = today - timedelta(days=2)
+    with _writing(app) as conn:
+        for i in range(1, 21):  # SQL: 5, 10, ..., 100 ms; redis: 1 and 2 ms
+            _insert_dependency(conn, _midnight(seeded) + i, target="db.sqlite", type_="SQL", duration_ms=5.0 * i)
+        for ms in (1.0, 2.0):
+            _insert_dependency(conn, _midnight(today) + 1, target="127.0.0.1:6379", type_="redis", duration_ms=ms)
+
+    def dependencies():
+        with app.app_context():
+            return get_usage_stats(7)["dependencies"]
+
+    from_rollups = dependencies()
+    with _writing(app) as conn:  # invalidate the rollups: the next read answers from the raw rows
+        conn.execute("DELETE FROM store_meta WHERE key = 'rollups'")
+    from_raw = dependencies()
+    daily = _by_date(from_rollups["daily"])
+    assert daily[seeded.isoformat()]["p95_ms"] == 95.0  # rank ceil(0.95 * 20) = 19
+    assert daily[today.isoformat()]["p95_ms"] == 2.0
+    assert [(t["type"], t["target"], t["count"], t["p95_ms"]) for t in from_rollups["top_targets"]] == [
+        ("SQL", "db.sqlite", 20, 95.0), ("redis", "127.0.0.1:6379", 2, 2.0)]
+    assert from_raw["daily"] == from_rollups["daily"] and from_raw["top_targets"] == from_rollups["top_targets"]
 
 
 def test_empty_store_reports_zeros_and_nulls(app, client):
@@ -451,9 +479,10 @@ def test_outgoing_calls_are_dependencies(app, client, upstream):
     top = dep["top_targets"][0]
     assert {k: top[k] for k in ("type", "target", "count", "failed")} == \
         {"type": "HTTP", "target": upstream, "count": 3, "failed": 1}
-    assert top["avg_ms"] > 0 and dep["avg_ms"] > 0
-    assert _by_date(dep["daily"])[_today().isoformat()] == {"date": _today().isoformat(), "count": 3,
-                                                            "failed": 1}
+    assert top["avg_ms"] > 0 and dep["avg_ms"] > 0 and top["p95_ms"] >= top["avg_ms"]
+    assert _counts(_by_date(dep["daily"])[_today().isoformat()]) == {"date": _today().isoformat(), "count": 3,
+                                                                     "failed": 1}
+    assert _by_date(dep["daily"])[_today().isoformat()]["p95_ms"] == top["p95_ms"]
     assert doc["requests"]["top_operations"] == [
         {"name": "GET /proxy", "count": 3, "failed": 0, "p95_ms": doc["requests"]["top_operations"][0]["p95_ms"]}]
 
