@@ -27,7 +27,7 @@ import opencensus_adapter
 import system_health
 import telemetry
 from delivery import Courier, DeliveryStats, ReliableExporterMixin, outbox_summary
-from journal import Journal, claim_orphans
+from journal import Journal, claim_orphans, lines
 from sampling import Sampler
 
 # This module's own log lines go to the "azure_monitor" logger, which is never exported:
@@ -349,7 +349,7 @@ class AzureSink:
         line = _journal_line(rec)
         with self._journal_lock:
             journal = self._journal
-            journal.append(line)
+            journal.append(line, self._journaled)
             self._journaled += 1
             self._event_handler.enqueue(rec)
             if journal.rotation_due():
@@ -374,15 +374,14 @@ class AzureSink:
         claimed = claim_orphans(journal.base, lambda path: f"{journal.prefix}r-{os.path.basename(path)[7:]}")
         for path in claimed:
             bad = 0
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        rec = telemetry.EventRecord(**json.loads(line)["rec"])
-                    except (ValueError, KeyError, TypeError):
-                        bad += 1
-                        continue
-                    self._journaled += 1
-                    self._event_handler.enqueue(rec)
+            for line in lines(path):
+                try:
+                    rec = telemetry.EventRecord(**json.loads(line)["rec"])
+                except (ValueError, KeyError, TypeError):
+                    bad += 1
+                    continue
+                self._journaled += 1
+                self._event_handler.enqueue(rec)
             journal.closed.append((path, self._journaled))
             if bad:
                 log.error("skipped %d unreadable line(s) of the journal %s", bad, path)

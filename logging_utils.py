@@ -6,8 +6,8 @@ import time
 from datetime import datetime
 from typing import Annotated, Dict, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      ValidationError, ValidationInfo, field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, ValidationInfo, field_validator)
 from pydantic_core import PydanticCustomError
 
 import telemetry
@@ -120,7 +120,6 @@ class PublicEvent(Event):
         default=None, pattern=UUID_PATTERN,
         description="A client-made random (version 4) UUID: a retried send with the same id is stored once")]
     sent_at: Annotated[Optional[StrictStr], Field(default=None, max_length=64, description=SENT_AT_DOC)]
-    _skew: float = PrivateAttr(default=0.0)  # seconds from the client's clock to the server's (see sent_at)
     timestamp: Annotated[Optional[StrictStr], Field(
         default=None, max_length=64,
         description="When it happened, ISO 8601 with a time zone, by the client's clock; once shifted by the "
@@ -169,17 +168,12 @@ class PublicEvent(Event):
                              " (after the correction by sent_at, when it is given)")
         return value
 
-    @model_validator(mode="after")
-    def _remember_skew(self, info: ValidationInfo):
-        """Keep the clock skew that sent_at (this event's, or its batch's from the context) shows."""
-        context = info.context or {}
-        self._skew = _clock_skew(self.sent_at or context.get("sent_at"), context.get("now") or time.time())
-        return self
-
     def epoch(self):
-        """The event's time as epoch seconds by the server's clock: the client's timestamp shifted by its skew,
-        else None (now)."""
-        return parse_client_time(self.timestamp).timestamp() + self._skew if self.timestamp else None
+        """The event's time as epoch seconds by the server's clock: the client's timestamp shifted by the skew
+        its sent_at shows (a batch's items get the batch's), else None (now)."""
+        if not self.timestamp:
+            return None
+        return parse_client_time(self.timestamp).timestamp() + _clock_skew(self.sent_at, time.time())
 
 
 def parse_client_time(value):

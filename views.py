@@ -93,6 +93,7 @@ def post_events(body):
         event_id = None
         try:
             event = PublicEvent.model_validate(item, context=context)
+            event.sent_at = event.sent_at or body.sent_at
             event_id = record_event(event.event_name, event.details, client=event)
         except ValidationError as exc:
             field, message = describe_error(exc)

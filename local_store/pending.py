@@ -11,7 +11,7 @@ import json
 import logging
 import os
 
-from journal import pid_alive
+from journal import lines, pid_alive
 from local_store.schema import COLUMN_DEFAULTS, COLUMNS
 
 log = logging.getLogger(__name__)
@@ -65,16 +65,13 @@ def load(claims, base):
     rows, bad = {}, 0
     for name in claims:
         try:
-            with open(name, encoding="utf-8") as fh:
-                for line in fh:
-                    if not line.strip():
-                        continue
-                    try:
-                        item = json.loads(line)
-                        kind, row = item["kind"], item["row"]
-                        rows.setdefault(f"ignore {kind}", []).append(_values(COLUMNS[kind], row))
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        bad += 1
+            for line in lines(name):
+                try:
+                    item = json.loads(line)
+                    kind, row = item["kind"], item["row"]
+                    rows.setdefault(f"ignore {kind}", []).append(_values(COLUMNS[kind], row))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    bad += 1
         except OSError as exc:
             log.error("local store cannot read %s (%s); it is left for the next start", name, exc)
     if bad:

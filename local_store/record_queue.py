@@ -58,7 +58,7 @@ class RecordQueue:
         with self.lock:
             if len(self.items) < self.room:
                 try:
-                    self.journal.append(line)
+                    self.journal.append(line, self.seq)
                 except OSError as exc:
                     self.journal_error = f"{exc.strerror or exc}"
                     raise StorageUnavailable(f"the local store cannot journal the event ({self.journal_error})") \
