@@ -102,7 +102,10 @@ def test_every_figure_equals_the_json_and_the_charts_render(driver, seeded):
                           "users.logins", "users.unique_users", "users.anonymous", "users.sessions"}
     for path, text in shown.items():
         expected = _json_value(report, path)
-        assert _value(text) == (None if expected is None else round(expected, 1)), (path, text, expected)
+        if expected is None or _value(text) is None:
+            assert _value(text) == expected, (path, text, expected)
+        else:  # shown to one decimal: JavaScript's toFixed and Python's round may part at a tie (28.15)
+            assert abs(_value(text) - expected) <= 0.05 + 1e-9, (path, text, expected)
     assert shown["users.logins"] == "3" and shown["users.anonymous"] == "3"
     share = 100 * report["requests"]["failed"] / report["requests"]["total"]
     assert report["requests"]["failed"] == 3, "3 of the 12 seeded requests failed"
