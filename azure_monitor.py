@@ -27,7 +27,7 @@ import opencensus_adapter
 import system_health
 import telemetry
 from delivery import Courier, DeliveryStats, ReliableExporterMixin, outbox_summary
-from journal import Journal, claim_orphans, lines
+from journal import Journal, claim_orphans, json_line, lines
 from sampling import Sampler
 
 # This module's own log lines go to the "azure_monitor" logger, which is never exported:
@@ -41,7 +41,6 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _UTC = timezone.utc
 _build = opencensus_adapter.protocol_object
-_journal_encoder = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 _lock = threading.Lock()
 _registry = {}  # (pid, settings) -> handlers of one Azure configuration in this process
@@ -50,11 +49,6 @@ _registry = {}  # (pid, settings) -> handlers of one Azure configuration in this
 def _iso(ts):
     """An epoch timestamp in OpenCensus' envelope time format (2026-11-30T12:00:00.123456Z)."""
     return datetime.fromtimestamp(ts, _UTC).isoformat(timespec="microseconds")[:-6] + "Z"
-
-
-def _journal_line(rec):
-    """The journal line (bytes) of one EventRecord: {"rec": {its fields}}."""
-    return ('{"rec":' + _journal_encoder.encode(vars(rec)) + "}\n").encode()
 
 
 def _span_times(ts, duration_ms):
@@ -346,7 +340,7 @@ class AzureSink:
         Once this returns a crash cannot lose it: a later start sends what the journal holds again
         (Log Analytics then has it twice; the usage queries count an event_id once).
         """
-        line = _journal_line(rec)
+        line = json_line('{"rec":', vars(rec))
         with self._journal_lock:
             journal = self._journal
             journal.append(line, self._journaled)
@@ -371,7 +365,7 @@ class AzureSink:
         folder = os.path.join(self.settings.telemetry_storage, "journal")
         os.makedirs(folder, exist_ok=True)
         self._journal = journal = Journal(os.path.join(folder, "events"))
-        claimed = claim_orphans(journal.base, lambda path: f"{journal.prefix}r-{os.path.basename(path)[7:]}")
+        claimed = claim_orphans(journal.base, lambda path: f"{journal.prefix}r-{path[len(journal.base) + 1:]}")
         for path in claimed:
             bad = 0
             for line in lines(path):

@@ -13,6 +13,7 @@ claims those of dead processes (claim_orphans) and hands their records to its si
 import contextlib
 import errno
 import glob
+import json
 import logging
 import mmap
 import os
@@ -150,6 +151,14 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.replace(path, rename(path))
         self.closed = []
+
+
+_encoder = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
+def json_line(head, value):
+    """One journal line (bytes): `head` (the start of a JSON object, up to its last key) + value as JSON + "}"."""
+    return (head + _encoder.encode(value) + "}\n").encode()
 
 
 def lines(path):

@@ -1,17 +1,9 @@
 """The bounded queue between the request threads and the writer, and the journal each accepted event goes to first."""
 import collections
-import json
 import math
 import threading
 
-from journal import Journal
-
-_encoder = json.JSONEncoder(separators=(",", ":"), check_circular=False)
-
-
-def event_line(row):
-    """The journal line (bytes) of one event row: {"kind": "event", "row": [...]}, the pending file's format."""
-    return ('{"kind":"event","row":' + _encoder.encode(row) + "}\n").encode()
+from journal import Journal, json_line
 
 
 class StorageUnavailable(Exception):
@@ -54,7 +46,7 @@ class RecordQueue:
 
     def put_event(self, row):
         """Journal one event row, then queue it: once this returns, a crash of the process cannot lose it."""
-        line = event_line(row)
+        line = json_line('{"kind":"event","row":', row)  # the pending file's format
         with self.lock:
             if len(self.items) < self.room:
                 try:
