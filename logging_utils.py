@@ -161,7 +161,7 @@ class PublicEvent(Event):
             return None
         context = info.context or {}
         now = context.get("now") or time.time()
-        skew = _clock_skew(info.data.get("sent_at") or context.get("sent_at"), now)
+        skew = _clock_skew(info.data.get("sent_at"), now)
         when = parse_client_time(value).timestamp() + skew
         if not now - TIMESTAMP_PAST_S <= when <= now + TIMESTAMP_FUTURE_S:
             raise ValueError("must be within the last 48 hours and at most 5 minutes ahead of the server's clock"

@@ -88,12 +88,12 @@ def post_events(body):
         raise ApiError(422, "validation_error", f"events: at most {settings.max_batch_events} items "
                        "(MAX_BATCH_EVENTS)", field="events")
     event_ids, errors, unavailable = [], [], None
-    context = {"sent_at": body.sent_at}  # the batch's clock, for items without a sent_at of their own
     for index, item in enumerate(body.events):
         event_id = None
         try:
-            event = PublicEvent.model_validate(item, context=context)
-            event.sent_at = event.sent_at or body.sent_at
+            if body.sent_at and isinstance(item, dict) and item.get("sent_at") is None:
+                item = {**item, "sent_at": body.sent_at}  # the batch's clock, for items without their own
+            event = PublicEvent.model_validate(item)
             event_id = record_event(event.event_name, event.details, client=event)
         except ValidationError as exc:
             field, message = describe_error(exc)
